@@ -1,0 +1,18 @@
+"""Empirical risk minimisation: cross-entropy on the pooled minibatches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch
+
+
+class ERM(DGAlgorithm):
+    """Cross-entropy over all training domains' samples at once (DomainBed's ERM)."""
+
+    def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
+        x = torch.cat([b.x for b in batches])
+        y = torch.cat([b.y for b in batches])
+        return AlgorithmOutput(F.cross_entropy(network(x), y))

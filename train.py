@@ -1,0 +1,26 @@
+"""Train a domain-generalization model: ``python train.py dataset=pacs optimizer=genie``."""
+
+import sys
+
+import hydra
+from dotenv import load_dotenv
+from omegaconf import DictConfig
+
+from genie_dg.errors import UserInputError
+from genie_dg.pipeline import train
+
+# Secrets (WANDB_API_KEY) reach wandb through the environment, never through the config.
+load_dotenv(override=False)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)["target_acc"]
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Leave-one-domain-out splits and balanced per-domain training batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from genie_dg.data.multidomain import DomainSubset, MultiDomainDataset
+from genie_dg.errors import UserInputError
+
+
+class BalancedDomainBatchSampler(Sampler[list[int]]):
+    """Endless batches of ``batch_size`` samples from every domain, concatenated in domain order.
+
+    ``domain_sizes`` are the lengths of the consecutive blocks of a ``ConcatDataset``. Each
+    domain is walked through seeded permutations (without replacement within a pass, a fresh
+    permutation per pass), so one step's batch is one minibatch per domain, as in DomainBed.
+    Under data parallelism every rank draws the same permutation and takes its own stride of
+    it, so ranks never share a sample within a pass.
+    """
+
+    def __init__(
+        self,
+        domain_sizes: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise UserInputError(f"batch_size={batch_size}: it must be at least 1")
+        if min(domain_sizes) < world_size:
+            raise UserInputError(f"a training domain has fewer samples than the {world_size} ranks")
+        self.domain_sizes = list(domain_sizes)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def _stream(self, domain: int, offset: int) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + domain)
+        while True:
+            order = torch.randperm(self.domain_sizes[domain], generator=generator)
+            yield from (order[self.rank :: self.world_size] + offset).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        offsets = [sum(self.domain_sizes[:d]) for d in range(len(self.domain_sizes))]
+        streams = [self._stream(d, off) for d, off in enumerate(offsets)]
+        while True:
+            yield [next(s) for s in streams for _ in range(self.batch_size)]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation loader: a domain and whether it was seen in training."""
+
+    domain: str
+    is_target: bool
+
+
+class MultiDomainDataModule(LightningDataModule):
+    """Builds the DG splits of a :class:`MultiDomainDataset`.
+
+    - training domains: all but ``test_domains``; from each, a seeded ``holdout_fraction``
+      is held out (unaugmented) for validation and model selection, the rest is trained on;
+    - target domains (``test_domains``): never trained on, evaluated whole.
+
+    ``train_dataloader`` yields ``(x, y, domain)`` with ``batch_size`` samples of every training
+    domain per step. Validation and test loaders come in :attr:`eval_sets` order: the
+    held-out slice of each training domain, then each target domain.
+    """
+
+    def __init__(
+        self,
+        dataset: Callable[[], MultiDomainDataset],
+        test_domains: Sequence[int | str] = (0,),
+        holdout_fraction: float = 0.2,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < holdout_fraction < 1.0:
+            raise UserInputError(
+                f"dataset.holdout_fraction={holdout_fraction}: it must lie strictly between 0 and 1"
+            )
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UserInputError(
+                f"dataset.batch_size={batch_size}, dataset.eval_batch_size={eval_batch_size}: "
+                "both must be at least 1"
+            )
+        if num_workers < 0:
+            raise UserInputError(f"dataset.num_workers={num_workers}: it must be 0 or more")
+        self.build_dataset = dataset
+        self.requested_test_domains = list(test_domains)
+        self.holdout_fraction = holdout_fraction
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.data: MultiDomainDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data = self.build_dataset()
+        test = sorted({data.domain_index(d) for d in self.requested_test_domains})
+        if not test:
+            raise UserInputError("dataset.test_domains is empty: name at least one unseen domain")
+        train = [i for i in range(len(data.domain_names)) if i not in test]
+        if not train:
+            raise UserInputError(
+                f"dataset.test_domains covers all {len(test)} domains of {data.name}: "
+                "leave at least one domain to train on"
+            )
+        self.data, self.train_domains, self.test_domains = data, train, test
+        self.train_parts: list[DomainSubset] = []
+        self.holdout_parts: list[DomainSubset] = []
+        for d in train:
+            size = len(data.domains[d])
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.split_seed * 997 + d))
+            n_holdout = max(1, int(size * self.holdout_fraction))
+            if size - n_holdout < 1:
+                raise UserInputError(f"{data.name}: domain '{data.domain_names[d]}' is too small to split")
+            holdout, rest = order[:n_holdout].tolist(), order[n_holdout:].tolist()
+            self.train_parts.append(DomainSubset(data.domains[d], rest, d, data.train_transform))
+            self.holdout_parts.append(DomainSubset(data.domains[d], holdout, d, data.eval_transform))
+        self.target_parts = [
+            DomainSubset(data.domains[d], range(len(data.domains[d])), d, data.eval_transform)
+            for d in test
+        ]
+
+    @property
+    def dataset(self) -> MultiDomainDataset:
+        if self.data is None:
+            raise RuntimeError("call setup() before using the data module")
+        return self.data
+
+    @property
+    def eval_sets(self) -> list[EvalSet]:
+        names = self.dataset.domain_names
+        return [EvalSet(names[d], False) for d in self.train_domains] + [
+            EvalSet(names[d], True) for d in self.test_domains
+        ]
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        sampler = BalancedDomainBatchSampler(
+            [len(p) for p in self.train_parts], self.batch_size, self.split_seed, rank, world_size
+        )
+        return DataLoader(
+            ConcatDataset(self.train_parts),
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        return [
+            DataLoader(part, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            for part in self.holdout_parts + self.target_parts
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -35,18 +36,28 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def instantiate_or_explain(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a user mistake as itself rather than wrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserInputError):
+            raise err.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     """Instantiate the data module, the LightningModule and the Trainer of a run."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule: MultiDomainDataModule = instantiate(cfg.dataset)
+    datamodule: MultiDomainDataModule = instantiate_or_explain(cfg.dataset)
     datamodule.setup()
     data = datamodule.dataset
-    featurizer = instantiate(cfg.backbone, in_chans=data.input_shape[0])
+    featurizer = instantiate_or_explain(cfg.backbone, in_chans=data.input_shape[0])
     model = DGModule(
         featurizer=featurizer,
-        algorithm=instantiate(cfg.algorithm),
-        optimizer=instantiate(cfg.optimizer),
+        algorithm=instantiate_or_explain(cfg.algorithm),
+        optimizer=instantiate_or_explain(cfg.optimizer),
         num_classes=data.num_classes,
         train_domains=[data.domain_names[d] for d in datamodule.train_domains],
         eval_domains=[s.domain for s in datamodule.eval_sets],

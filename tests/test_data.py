@@ -160,3 +160,10 @@ def test_download_true_reads_torchvision_mnist_from_data_dir(tmp_path):
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
     data = rotated_mnist(data_dir=tmp_path, download=True)
     assert sum(len(d) for d in data.domains) == 36
+
+
+def test_sampler_started_at_batch_k_continues_the_same_stream():
+    full = iter(BalancedDomainBatchSampler([7, 5], batch_size=3, seed=2))
+    expected = [next(full) for _ in range(6)][4:]
+    resumed = iter(BalancedDomainBatchSampler([7, 5], batch_size=3, seed=2, start_batch=4))
+    assert [next(resumed) for _ in range(2)] == expected

@@ -20,7 +20,8 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
     domain is walked through seeded permutations (without replacement within a pass, a fresh
     permutation per pass), so one step's batch is one minibatch per domain, as in DomainBed.
     Under data parallelism every rank draws the same permutation and takes its own stride of
-    it, so ranks never share a sample within a pass.
+    it, so ranks never share a sample within a pass. ``start_batch`` skips that many batches,
+    so a run resumed at step k sees exactly the batches an uninterrupted run sees from step k.
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        start_batch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise UserInputError(f"batch_size={batch_size}: it must be at least 1")
@@ -40,6 +42,7 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.start_batch = start_batch
 
     def _stream(self, domain: int, offset: int) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + domain)
@@ -50,6 +53,9 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         offsets = [sum(self.domain_sizes[:d]) for d in range(len(self.domain_sizes))]
         streams = [self._stream(d, off) for d, off in enumerate(offsets)]
+        for _ in range(self.start_batch * self.batch_size):
+            for stream in streams:
+                next(stream)
         while True:
             yield [next(s) for s in streams for _ in range(self.batch_size)]
 
@@ -148,14 +154,15 @@ class MultiDomainDataModule(LightningDataModule):
             EvalSet(names[d], True) for d in self.test_domains
         ]
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        rank, world_size = self._rank()
+        trainer = self.trainer
+        rank, world_size, start = 0, 1, 0
+        if trainer is not None:
+            rank, world_size = trainer.global_rank, trainer.world_size
+            # Lightning builds this loader after restoring a checkpoint: continue where it stopped.
+            start = trainer.global_step * trainer.accumulate_grad_batches
         sampler = BalancedDomainBatchSampler(
-            [len(p) for p in self.train_parts], self.batch_size, self.split_seed, rank, world_size
+            [len(p) for p in self.train_parts], self.batch_size, self.split_seed, rank, world_size, start
         )
         return DataLoader(
             ConcatDataset(self.train_parts),

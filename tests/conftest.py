@@ -16,6 +16,14 @@ CONFIG_DIR = str(ROOT / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Overrides that shrink a run to seconds on a CPU: CSV logging only, tiny batches and network.
+SMALL_RUN = (
+    "logger=csv",
+    "dataset.batch_size=8",
+    "backbone.channels=[8,16,32,64]",
+    "~callbacks.rich_progress_bar",
+)
+
 
 def compose_config(overrides: Sequence[str], tmp_path: Path) -> DictConfig:
     """The composed train config with paths pointing into ``tmp_path``."""
@@ -35,3 +43,9 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config(overrides, tmp_path)
 
     return make
+
+
+@pytest.fixture
+def small_run() -> tuple[str, ...]:
+    """Hydra overrides for a seconds-long run (see ``SMALL_RUN``)."""
+    return SMALL_RUN

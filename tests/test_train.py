@@ -16,18 +16,12 @@ from genie_dg.errors import UserInputError
 from genie_dg.pipeline import build, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "logger=csv",
-    "dataset.batch_size=8",
-    "backbone.channels=[8,16,32,64]",
-    "~callbacks.rich_progress_bar",
-]
 
 
 @pytest.mark.parametrize("optimizer", ["genie", "adam", "sgd"])
 @pytest.mark.parametrize("algorithm", ["erm", "coral"])
-def test_fast_dev_run_every_optimizer_with_every_algorithm(make_config, optimizer, algorithm):
-    cfg = make_config(f"optimizer={optimizer}", f"algorithm={algorithm}", "+trainer.fast_dev_run=true", *SMALL)
+def test_fast_dev_run_every_optimizer_with_every_algorithm(small_run, make_config, optimizer, algorithm):
+    cfg = make_config(f"optimizer={optimizer}", f"algorithm={algorithm}", "+trainer.fast_dev_run=true", *small_run)
     datamodule, model, trainer = build(cfg)
     before = [p.detach().clone() for p in model.network.parameters()]
     trainer.fit(model, datamodule=datamodule)
@@ -37,8 +31,8 @@ def test_fast_dev_run_every_optimizer_with_every_algorithm(make_config, optimize
     assert any(moved), "one optimizer step must change the network"
 
 
-def test_train_selects_by_source_validation_and_reports_every_domain(make_config, tmp_path):
-    cfg = make_config("trainer.max_steps=4", "trainer.val_check_interval=2", *SMALL)
+def test_train_selects_by_source_validation_and_reports_every_domain(small_run, make_config, tmp_path):
+    cfg = make_config("trainer.max_steps=4", "trainer.val_check_interval=2", *small_run)
     summary = train(cfg)
     domains = {row["domain"]: row for row in summary["domains"]}
     assert domains["rot0"]["role"] == "target"
@@ -63,9 +57,9 @@ def test_train_selects_by_source_validation_and_reports_every_domain(make_config
         ("trainer.val_check_interval=500", "val_check_interval"),
     ],
 )
-def test_bad_config_values_fail_before_training_with_the_fix(make_config, override, message):
+def test_bad_config_values_fail_before_training_with_the_fix(small_run, make_config, override, message):
     with pytest.raises(UserInputError, match=message):
-        build(make_config(*SMALL, override))
+        build(make_config(*small_run, override))
 
 
 def test_image_dataset_without_data_directory_names_the_fix(make_config):
@@ -73,12 +67,12 @@ def test_image_dataset_without_data_directory_names_the_fix(make_config):
         build(make_config("dataset=pacs", "logger=csv"))
 
 
-def test_pretrained_backbone_without_hub_or_weights_fails_fast(make_config, tmp_path, monkeypatch):
+def test_pretrained_backbone_without_hub_or_weights_fails_fast(small_run, make_config, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(UserInputError, match="backbone.pretrained=true"):
-        build(make_config("backbone.pretrained=true", *SMALL))
+        build(make_config("backbone.pretrained=true", *small_run))
 
 
 def _run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -137,3 +131,10 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     top = {line.split(":")[0] for line in result.stdout.splitlines() if line and not line[0].isspace()}
     assert {"dataset", "algorithm", "optimizer", "backbone", "trainer"} <= top
     assert "_target_: genie_dg.optim.GENIE" in result.stdout
+
+
+def test_config_key_typo_is_refused_with_the_key_named(make_config):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.max_step"):
+        make_config("trainer.max_step=5")

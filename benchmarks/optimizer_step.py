@@ -1,0 +1,150 @@
+"""Time one optimizer step of GENIE against torch's Adam/AdamW/SGD on timm ResNets.
+
+Not a test. Gradients are random (seeded) and alternate between two sets, so
+the moving averages see a non-zero variance as in training; only ``step()``
+is timed. Example::
+
+    python benchmarks/optimizer_step.py                      # resnet18, compiled GENIE included
+    python benchmarks/optimizer_step.py --models resnet18 resnet50 --repeats 10
+
+Columns: median milliseconds per step, ratio to Adam(foreach) and to
+Adam(fused), and optimizer-state bytes per parameter (sum of ``nbytes`` of the
+tensors in ``optimizer.state`` divided by the number of parameter elements).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+import traceback
+
+import torch
+
+from genie_dg.optim import GENIE
+
+
+def build_params(name: str, seed: int, grad_sets: int):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(grad_sets)]
+    return params, grads
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, params) -> float:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def time_steps(step, params, grads, repeats: int, warmup: int):
+    def set_grads(k):
+        for p, g in zip(params, grads[k % len(grads)]):
+            p.grad = g
+
+    t0 = time.perf_counter()
+    for k in range(warmup):
+        set_grads(k)
+        step()
+    warm = time.perf_counter() - t0
+    times = []
+    for k in range(warmup, warmup + repeats):
+        set_grads(k)
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3, warm
+
+
+def configs(compile_genie: bool):
+    yield "GENIE (foreach, all on)", lambda ps: GENIE(ps, seed=0), False
+    yield "GENIE (single-tensor, all on)", lambda ps: GENIE(ps, seed=0, foreach=False), False
+    if compile_genie:
+        yield "GENIE compiled (all on)", lambda ps: GENIE(ps, seed=0), True
+    yield "GENIE (noise+mask off)", lambda ps: GENIE(ps, seed=0, noise=False, mask=False), False
+    yield "Adam(foreach=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False
+    yield "Adam(fused=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False
+    yield "AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), False
+    yield "SGD(momentum=0.9, foreach=True)", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), False
+
+
+def run_model(name: str, args) -> list[tuple]:
+    params, grads = build_params(name, args.seed, grad_sets=2)
+    n = sum(p.numel() for p in params)
+    rows = []
+    for label, make, compiled in configs(not args.no_compile):
+        with torch.no_grad():
+            snapshot = [p.detach().clone() for p in params]
+        opt = make(params)
+        note = ""
+        try:
+            step = opt.step
+            if compiled:
+                step = torch.compile(opt.step)
+            ms, warm = time_steps(step, params, grads, args.repeats, args.warmup)
+            if compiled:
+                note = f"warm-up incl. compile {warm:.1f} s"
+            rows.append((label, ms, state_bytes_per_param(opt, params), note))
+        except Exception as exc:  # report and continue (e.g. no C++ compiler for inductor)
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            rows.append((label, float("nan"), float("nan"), "FAILED " + msg[:200]))
+            if args.verbose:
+                traceback.print_exc()
+        finally:
+            if compiled:
+                torch._dynamo.reset()
+        del opt
+        with torch.no_grad():
+            for p, v in zip(params, snapshot):
+                p.copy_(v)
+        gc.collect()
+        print(f"  {name}: {label}: {rows[-1][1]:.1f} ms {rows[-1][3]}", flush=True)
+    return [(name, n, *r) for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet18"], help="timm model names (e.g. resnet18 resnet50)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (includes compilation)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of GENIE's step")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, repeats={args.repeats}, warmup={args.warmup}"
+    )
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args)
+
+    print()
+    print("| model | params | optimizer | median ms/step | x Adam(foreach) | x Adam(fused) | state B/param | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        mine = [r for r in rows if r[0] == name]
+        ref_foreach = next(r[3] for r in mine if r[2] == "Adam(foreach=True)")
+        ref_fused = next(r[3] for r in mine if r[2] == "Adam(fused=True)")
+        for _, n, label, ms, bpp, note in mine:
+            print(
+                f"| {name} | {n / 1e6:.1f}M | {label} | {ms:.1f} | {ms / ref_foreach:.2f} | "
+                f"{ms / ref_fused:.2f} | {bpp:.1f} | {note} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,9 @@ class DGModule(LightningModule):
     """Trains ``Classifier(featurizer)`` with ``algorithm``'s loss and ``optimizer``.
 
     ``algorithm`` and ``optimizer`` are factories (Hydra ``_partial_``) that this module
-    completes: the algorithm with the class/domain/feature counts, the optimizer with the
-    parameters of the network and of the algorithm's own submodules.
+    completes: the algorithm with the class/domain/feature counts and input shape, the
+    optimizer(s) through ``algorithm.configure_optimizers`` (by default one optimizer over the
+    network and the algorithm's own submodules).
 
     Evaluation loaders come in ``eval_domains`` order; ``target_domains`` marks the unseen
     ones. Logged per stage (``val`` during training, ``test`` at the end): ``<stage>/<domain>/acc``,
@@ -35,6 +36,7 @@ class DGModule(LightningModule):
         train_domains: Sequence[str],
         eval_domains: Sequence[str],
         target_domains: Sequence[str],
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         # Objects in hyper_parameters would break checkpoint loading with weights_only=True.
@@ -44,7 +46,11 @@ class DGModule(LightningModule):
             num_classes=num_classes,
             num_domains=len(train_domains),
             num_features=self.network.num_features,
+            input_shape=input_shape,
         )
+        self.algorithm.setup_network(self.network)
+        # Methods with several optimizers or inner updates drive the step themselves.
+        self.automatic_optimization = self.algorithm.automatic_optimization
         self.optimizer_factory = optimizer
         self.eval_domains = list(eval_domains)
         self.is_target = [d in set(target_domains) for d in eval_domains]
@@ -62,7 +68,12 @@ class DGModule(LightningModule):
             DomainBatch(xs, ys, int(ds[0]))
             for xs, ys, ds in zip(x.split(per_domain), y.split(per_domain), domain.split(per_domain))
         ]
-        output = self.algorithm.training_loss(self.network, batches)
+        if self.automatic_optimization:
+            output = self.algorithm.training_loss(self.network, batches)
+            if output.reset_optimizer:
+                self._reset_optimizer_state()
+        else:
+            output = self.algorithm.manual_step(self, batches)
         if not torch.isfinite(output.loss):
             raise FloatingPointError(
                 f"training loss is {output.loss.item()} at step {self.global_step}; the run diverged: "
@@ -71,11 +82,18 @@ class DGModule(LightningModule):
         self.log("train/loss", output.loss, prog_bar=True)
         for name, value in output.metrics.items():
             self.log(f"train/{name}", value)
-        return output.loss
+        return output.loss if self.automatic_optimization else None
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self.algorithm.update_count += 1
+
+    def _reset_optimizer_state(self) -> None:
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
 
     def _eval_step(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int) -> None:
         x, y, _ = batch
-        self.eval_accuracy[dataloader_idx].update(self.network(x), y)
+        self.eval_accuracy[dataloader_idx].update(self.algorithm.predict(self.network, x), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -103,5 +121,5 @@ class DGModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_accuracies("test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        return self.algorithm.configure_optimizers(self.network, self.optimizer_factory)

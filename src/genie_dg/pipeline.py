@@ -62,6 +62,7 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         train_domains=[data.domain_names[d] for d in datamodule.train_domains],
         eval_domains=[s.domain for s in datamodule.eval_sets],
         target_domains=[data.domain_names[d] for d in datamodule.test_domains],
+        input_shape=data.input_shape,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

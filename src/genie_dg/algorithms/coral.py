@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
 
 
 def coral_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -35,12 +36,10 @@ class CORAL(DGAlgorithm):
         num_domains: int,
         num_features: int,
         mmd_gamma: float = 1.0,
-        allow_degenerate: bool = False,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, num_domains, num_features, allow_degenerate)
-        if mmd_gamma < 0:
-            raise ValueError(f"CORAL: invalid mmd_gamma={mmd_gamma}; expected mmd_gamma >= 0")
-        self.mmd_gamma = mmd_gamma
+        super().__init__(num_classes, num_domains, num_features, **base)
+        self.mmd_gamma = hparam(mmd_gamma, "mmd_gamma", lambda v: v >= 0, "mmd_gamma >= 0", "CORAL")
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         features = [network.features(b.x) for b in batches]

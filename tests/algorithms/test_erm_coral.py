@@ -76,3 +76,10 @@ def test_coral_refuses_a_single_training_domain_unless_allowed():
 def test_coral_rejects_negative_gamma():
     with pytest.raises(ValueError, match="mmd_gamma"):
         CORAL(2, 2, 3, mmd_gamma=-1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["genie", "adam"])
+def test_coral_trains_with_each_optimizer_and_counts_steps(train_algorithm, saved_state, optimizer):
+    _, trainer = train_algorithm("coral", optimizer)
+    state = saved_state(trainer)
+    assert int(state["algorithm.update_count"]) == 3

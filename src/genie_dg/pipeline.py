@@ -37,7 +37,13 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def instantiate_or_explain(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising a user mistake as itself rather than wrapped."""
+    """``hydra.utils.instantiate``, re-raising a user mistake as itself rather than wrapped.
+
+    A top-level ``search`` key (a config's hyper-parameter search distribution, read by
+    sweeps) is not an argument of the object and is left out.
+    """
+    if isinstance(node, DictConfig) and "search" in node:
+        node = OmegaConf.masked_copy(node, [k for k in node if k != "search"])
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

@@ -13,15 +13,8 @@ from genie_dg.pipeline import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_metrics_notebook_runs_on_a_finished_run(make_config, monkeypatch):
-    cfg = make_config(
-        "logger=csv",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "dataset.batch_size=8",
-        "backbone.channels=[8,16,32,64]",
-        "~callbacks.rich_progress_bar",
-    )
+def test_metrics_notebook_runs_on_a_finished_run(make_config, small_run, monkeypatch):
+    cfg = make_config("trainer.max_steps=4", "trainer.val_check_interval=2", *small_run)
     run_dir = Path(train(cfg)["files"]["run_dir"])
     monkeypatch.setenv("GENIE_RUN_DIR", str(run_dir))
     notebook = nbformat.read(ROOT / "notebooks" / "run_metrics.ipynb", as_version=4)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genie_dg.algorithms.base import DomainBatch
+from genie_dg.algorithms.groupdro import GroupDRO
+from genie_dg.errors import UserInputError
+from genie_dg.models import Classifier
+
+
+class Identity(nn.Module):
+    num_features = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _network() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(Identity(), num_classes=2)
+
+
+def _batches(num_domains: int = 3) -> list[DomainBatch]:
+    torch.manual_seed(1)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    return [DomainBatch(torch.randn(6, 3) * (d + 1), y, d) for d in range(num_domains)]
+
+
+def test_groupdro_weights_follow_exponentiated_risks_once_per_step():
+    net, batches = _network(), _batches()
+    dro = GroupDRO(2, 3, 3, groupdro_eta=0.5)
+    risks = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches]).detach()
+    assert torch.allclose(dro.q, torch.full((3,), 1 / 3))
+
+    out = dro.training_loss(net, batches)
+    q1 = torch.softmax(0.5 * risks, 0)
+    assert torch.allclose(dro.q, q1)
+    assert torch.allclose(out.loss, (q1 * risks).sum())
+    assert dro.q.argmax() == risks.argmax(), "the worst domain gets the most weight"
+
+    again = dro.training_loss(net, batches)
+    assert torch.allclose(dro.q, q1), "a re-evaluation in the same step must not move q"
+    assert torch.allclose(again.loss, out.loss)
+
+    dro.update_count += 1
+    dro.training_loss(net, batches)
+    assert torch.allclose(dro.q, torch.softmax(2 * 0.5 * risks, 0))
+
+
+def test_groupdro_with_a_single_domain_is_erm():
+    with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
+        GroupDRO(2, 1, 3)
+    with pytest.warns(UserWarning, match="penalty is inactive"):
+        dro = GroupDRO(2, 1, 3, allow_degenerate=True)
+    net, [batch] = _network(), _batches(1)
+    out = dro.training_loss(net, [batch])
+    assert torch.allclose(out.loss, F.cross_entropy(net(batch.x), batch.y))
+    assert dro.q.tolist() == [1.0]
+
+
+def test_groupdro_rejects_negative_eta():
+    with pytest.raises(UserInputError, match="algorithm.groupdro_eta"):
+        GroupDRO(2, 2, 3, groupdro_eta=-0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["genie", "adam"])
+def test_groupdro_trains_and_checkpoints_its_domain_weights(train_algorithm, saved_state, optimizer):
+    model, trainer = train_algorithm("groupdro", optimizer)
+    q = model.algorithm.q
+    assert q.sum().item() == pytest.approx(1.0)
+    assert not torch.allclose(q, torch.full_like(q, 1 / len(q))), "three updates moved q"
+    state = saved_state(trainer)
+    assert torch.equal(state["algorithm.q"], q)
+    assert int(state["algorithm.update_count"]) == 3

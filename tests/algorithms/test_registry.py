@@ -1,0 +1,37 @@
+"""Every DG method has exactly one config, and every config builds its method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+import genie_dg.algorithms as algorithms
+from genie_dg.algorithms import DGAlgorithm
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "algorithm"
+CONFIGS = sorted(CONF.glob("*.yaml"))
+
+
+def test_every_exported_method_has_one_config():
+    exported = {
+        name for name in algorithms.__all__
+        if isinstance(getattr(algorithms, name), type) and issubclass(getattr(algorithms, name), DGAlgorithm)
+    } - {"DGAlgorithm"}
+    targets = [OmegaConf.load(path)._target_.rsplit(".", 1)[1] for path in CONFIGS]
+    assert sorted(targets) == sorted(exported)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_its_method_with_declared_search_space(path):
+    cfg = OmegaConf.load(path)
+    cls = get_class(cfg._target_)
+    assert issubclass(cls, DGAlgorithm) and cfg._partial_
+    assert "search" in cfg, f"{path.name} declares no search distribution"
+    unknown = set(cfg.search) - set(cfg)
+    assert not unknown, f"{path.name} searches hyper-parameters it does not set: {unknown}"
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if not k.startswith("_") and k != "search"}
+    method = cls(num_classes=3, num_domains=3, num_features=8, input_shape=(3, 16, 16), **kwargs)
+    assert int(method.update_count) == 0

@@ -83,3 +83,9 @@ def test_coral_trains_with_each_optimizer_and_counts_steps(train_algorithm, save
     _, trainer = train_algorithm("coral", optimizer)
     state = saved_state(trainer)
     assert int(state["algorithm.update_count"]) == 3
+
+
+def test_coral_genie_experiment_composes_coral_with_genie(make_config):
+    cfg = make_config("experiment=coral_genie")
+    assert cfg.algorithm._target_ == "genie_dg.algorithms.coral.CORAL"
+    assert cfg.optimizer._target_ == "genie_dg.optim.GENIE"

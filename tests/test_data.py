@@ -131,7 +131,7 @@ def test_image_folder_classes_agree_across_domains_when_a_class_is_missing(tmp_p
     _write_png(root / "photo" / "horse" / "c.png", 30)
     _write_png(root / "photo" / "zebra" / "d.png", 40)
     (root / "photo" / "zebra" / "notes.txt").write_text("not an image")
-    data = domain_image_folder(tmp_path, "toy", subdir="PACS", image_size=16, augment=False)
+    data = domain_image_folder(root, "toy", image_size=16, augment=False)
     assert data.domain_names == ["art", "photo"]
     assert data.classes == ["dog", "horse", "zebra"]
     labels = {d: sorted(y for _, y in data.domains[i].samples) for i, d in enumerate(data.domain_names)}
@@ -142,7 +142,7 @@ def test_image_folder_classes_agree_across_domains_when_a_class_is_missing(tmp_p
 
 def test_image_folder_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(UserInputError, match="does not exist.*paths.data_dir"):
-        domain_image_folder(tmp_path, "pacs", subdir="PACS")
+        domain_image_folder(tmp_path / "PACS", "pacs")
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

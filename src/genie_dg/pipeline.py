@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -12,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -43,7 +44,10 @@ def instantiate_or_explain(node: Any, **kwargs: Any) -> Any:
     sweeps) is not an argument of the object and is left out.
     """
     if isinstance(node, DictConfig) and "search" in node:
-        node = OmegaConf.masked_copy(node, [k for k in node if k != "search"])
+        # A deep copy keeps the parent, so interpolations such as ${seed} still resolve.
+        node = copy.deepcopy(node)
+        with open_dict(node):
+            del node["search"]
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -70,7 +74,7 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         target_domains=[data.domain_names[d] for d in datamodule.test_domains],
         input_shape=data.input_shape,
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [instantiate_or_explain(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
@@ -126,6 +130,7 @@ def summarize(
             files["wandb"] = str(Path(logger.save_dir or output_dir) / "wandb")
     return {
         "dataset": datamodule.dataset.name,
+        "protocol": datamodule.protocol,
         "algorithm": type(trainer.lightning_module.algorithm).__name__,
         "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
         "steps": trainer.global_step,

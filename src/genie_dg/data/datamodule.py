@@ -68,12 +68,21 @@ class EvalSet:
     is_target: bool
 
 
-class MultiDomainDataModule(LightningDataModule):
-    """Builds the DG splits of a :class:`MultiDomainDataset`.
+PROTOCOLS = ("lodo", "sdg")
 
-    - training domains: all but ``test_domains``; from each, a seeded ``holdout_fraction``
-      is held out (unaugmented) for validation and model selection, the rest is trained on;
-    - target domains (``test_domains``): never trained on, evaluated whole.
+
+class MultiDomainDataModule(LightningDataModule):
+    """Builds the DG splits of a :class:`MultiDomainDataset` under a protocol.
+
+    - ``protocol="lodo"`` (leave-one-domain-out, DomainBed's): the target domains are
+      ``test_domains`` (one or more), every other domain is a training domain;
+    - ``protocol="sdg"`` (single-domain generalization): the one domain in ``train_domains``
+      is trained on, every other domain is a target;
+    - from each training domain a seeded ``holdout_fraction`` is held out (unaugmented) for
+      validation and model selection, the rest is trained on; target domains are never
+      trained on and are evaluated whole.
+
+    Domains are given by index or name.
 
     ``train_dataloader`` yields ``(x, y, domain)`` with ``batch_size`` samples of every training
     domain per step. Validation and test loaders come in :attr:`eval_sets` order: the
@@ -83,7 +92,9 @@ class MultiDomainDataModule(LightningDataModule):
     def __init__(
         self,
         dataset: Callable[[], MultiDomainDataset],
-        test_domains: Sequence[int | str] = (0,),
+        test_domains: Sequence[int | str] | None = (0,),
+        protocol: str = "lodo",
+        train_domains: Sequence[int | str] | None = None,
         holdout_fraction: float = 0.2,
         batch_size: int = 64,
         eval_batch_size: int = 256,
@@ -91,6 +102,18 @@ class MultiDomainDataModule(LightningDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__()
+        if protocol not in PROTOCOLS:
+            raise UserInputError(f"dataset.protocol={protocol!r}: choose protocol=lodo or protocol=sdg")
+        if protocol == "lodo" and train_domains is not None:
+            raise UserInputError(
+                "protocol=lodo trains on every domain outside dataset.test_domains, so "
+                "dataset.train_domains must stay null; use protocol=sdg to train on a single domain"
+            )
+        if protocol == "sdg" and test_domains is not None:
+            raise UserInputError(
+                "protocol=sdg tests on every domain but the training one, so dataset.test_domains "
+                "must stay null; choose the training domain with dataset.train_domains=[<domain>]"
+            )
         if not 0.0 < holdout_fraction < 1.0:
             raise UserInputError(
                 f"dataset.holdout_fraction={holdout_fraction}: it must lie strictly between 0 and 1"
@@ -103,7 +126,9 @@ class MultiDomainDataModule(LightningDataModule):
         if num_workers < 0:
             raise UserInputError(f"dataset.num_workers={num_workers}: it must be 0 or more")
         self.build_dataset = dataset
-        self.requested_test_domains = list(test_domains)
+        self.protocol = protocol
+        self.requested_test_domains = list(test_domains or [])
+        self.requested_train_domains = list(train_domains or [])
         self.holdout_fraction = holdout_fraction
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -115,15 +140,7 @@ class MultiDomainDataModule(LightningDataModule):
         if self.data is not None:
             return
         data = self.build_dataset()
-        test = sorted({data.domain_index(d) for d in self.requested_test_domains})
-        if not test:
-            raise UserInputError("dataset.test_domains is empty: name at least one unseen domain")
-        train = [i for i in range(len(data.domain_names)) if i not in test]
-        if not train:
-            raise UserInputError(
-                f"dataset.test_domains covers all {len(test)} domains of {data.name}: "
-                "leave at least one domain to train on"
-            )
+        train, test = self._split_domains(data)
         self.data, self.train_domains, self.test_domains = data, train, test
         self.train_parts: list[DomainSubset] = []
         self.holdout_parts: list[DomainSubset] = []
@@ -140,6 +157,30 @@ class MultiDomainDataModule(LightningDataModule):
             DomainSubset(data.domains[d], range(len(data.domains[d])), d, data.eval_transform)
             for d in test
         ]
+
+    def _split_domains(self, data: MultiDomainDataset) -> tuple[list[int], list[int]]:
+        """(training, target) domain indices under the protocol."""
+        every = range(len(data.domain_names))
+        if self.protocol == "sdg":
+            train = sorted({data.domain_index(d) for d in self.requested_train_domains})
+            if len(train) != 1:
+                raise UserInputError(
+                    f"protocol=sdg trains on exactly one domain, got dataset.train_domains="
+                    f"{self.requested_train_domains}; e.g. dataset.train_domains=[{data.domain_names[0]}]"
+                )
+            if len(data.domain_names) < 2:
+                raise UserInputError(f"protocol=sdg needs a second domain to test on; {data.name} has one")
+            return train, [i for i in every if i not in train]
+        test = sorted({data.domain_index(d) for d in self.requested_test_domains})
+        if not test:
+            raise UserInputError("dataset.test_domains is empty: name at least one unseen domain")
+        train = [i for i in every if i not in test]
+        if not train:
+            raise UserInputError(
+                f"dataset.test_domains covers all {len(test)} domains of {data.name}: "
+                "leave at least one domain to train on"
+            )
+        return train, test
 
     @property
     def dataset(self) -> MultiDomainDataset:

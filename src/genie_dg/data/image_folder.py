@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -12,9 +16,30 @@ from torchvision import transforms as T
 from genie_dg.data.multidomain import MultiDomainDataset
 from genie_dg.errors import UserInputError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+log = logging.getLogger(__name__)
+
+# torchvision's ImageFolder suffixes (what DomainBed reads) plus GIF.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How many ignored paths one warning spells out before summarising the rest as a count.
+LISTED_IN_WARNING = 20
+
+
+class CorruptImageError(UserInputError):
+    """An image file that PIL cannot decode (corrupt, truncated, or not an image at all)."""
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` fully as an RGB image; a file that does not decode raises naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"{path}: cannot decode this image ({err}); replace or delete the file, or set "
+            "dataset.dataset.skip_corrupt=true to skip unreadable images"
+        ) from err
 
 
 class ImageFiles(Dataset):
@@ -28,8 +53,151 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
+        return read_rgb(path), label
+
+
+@dataclass
+class ImageTree:
+    """What a scan of ``root/<domain>/<class>/`` found.
+
+    ``files[domain][class]`` lists the image files of each class folder (sorted, searched
+    recursively as torchvision's ImageFolder does); ``ignored`` holds the paths (relative to
+    ``root``) that are neither domain folders, class folders nor images.
+    """
+
+    root: Path
+    domains: list[str]
+    classes: list[str]
+    files: dict[str, dict[str, list[Path]]]
+    ignored: list[str] = field(default_factory=list)
+
+    def count(self, domain: str, cls: str | None = None) -> int:
+        per_class = self.files[domain]
+        return len(per_class.get(cls, [])) if cls is not None else sum(map(len, per_class.values()))
+
+    def warn_ignored(self, name: str) -> None:
+        """One warning that lists what the scan left out, so a stray file is never silent."""
+        if not self.ignored:
+            return
+        shown = ", ".join(self.ignored[:LISTED_IN_WARNING])
+        more = len(self.ignored) - LISTED_IN_WARNING
+        log.warning(
+            "%s: ignored %d path(s) in %s that are not <domain>/<class>/<image> (hidden, non-image or empty): %s%s",
+            name,
+            len(self.ignored),
+            self.root,
+            shown,
+            f", and {more} more" if more > 0 else "",
+        )
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _class_images(class_dir: Path, root: Path, ignored: list[str]) -> list[Path]:
+    images = []
+    for parent, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        parent_path = Path(parent)
+        hidden = sorted(d for d in dirnames if _is_hidden(d))
+        ignored.extend(str((parent_path / d).relative_to(root)) + "/" for d in hidden)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for filename in sorted(filenames):
+            path = parent_path / filename
+            if _is_hidden(filename) or path.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored.append(str(path.relative_to(root)))
+            else:
+                images.append(path)
+    return images
+
+
+def scan_image_tree(
+    root: str | Path,
+    name: str,
+    domains: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+) -> ImageTree:
+    """List the images of ``root/<domain>/<class>/`` and check the layout against a config.
+
+    ``domains`` and ``classes`` (a dataset config lists them) fix names and order; ``None``
+    discovers them: every visible sub-folder is a domain, and the classes are the sorted union
+    of the class folders that hold an image. A configured domain that is missing, a domain
+    without images, or a class folder outside the configured classes is a
+    :class:`UserInputError`; hidden and non-image entries are collected in ``ignored``.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserInputError(
+            f"{name}: data directory {root} does not exist; put the dataset there in DomainBed's "
+            "layout (<domain>/<class>/<image>), download it with `genie-dg download`, or point "
+            "paths.data_dir (or $DATA_DIR) at its parent"
+        )
+    ignored: list[str] = []
+    folders = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not _is_hidden(entry.name):
+            folders.append(entry.name)
+        else:
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
+    if domains is None:
+        domain_names = folders
+    else:
+        domain_names = list(domains)
+        missing = [d for d in domain_names if d not in folders]
+        if missing:
+            unexpected = [f for f in folders if f not in domain_names]
+            raise UserInputError(
+                f"{name}: domain folder(s) {missing} not found in {root} (found {folders}; "
+                f"not in the config: {unexpected}); the dataset config expects {domain_names}"
+            )
+        ignored.extend(f + "/" for f in folders if f not in domain_names)
+    if not domain_names:
+        raise UserInputError(f"{name}: {root} holds no domain folders (<domain>/<class>/<image>)")
+
+    files: dict[str, dict[str, list[Path]]] = {}
+    for domain in domain_names:
+        per_class: dict[str, list[Path]] = {}
+        for entry in sorted((root / domain).iterdir()):
+            if entry.is_dir() and not _is_hidden(entry.name):
+                per_class[entry.name] = _class_images(entry, root, ignored)
+            else:
+                ignored.append(f"{domain}/{entry.name}" + ("/" if entry.is_dir() else ""))
+        if classes is not None:
+            unknown = sorted(set(per_class) - set(classes))
+            if unknown:
+                raise UserInputError(
+                    f"{name}: class folder(s) {unknown} in {root / domain} are not among the "
+                    f"{len(classes)} classes of the dataset config ({', '.join(classes)})"
+                )
+        if not any(per_class.values()):
+            raise UserInputError(
+                f"{name}: domain '{domain}' ({root / domain}) contains no images; expected "
+                "<class>/<image> folders inside it"
+            )
+        files[domain] = per_class
+
+    if classes is not None:
+        class_names = list(classes)
+    else:
+        class_names = sorted({c for per_class in files.values() for c, images in per_class.items() if images})
+    for domain, per_class in files.items():
+        ignored.extend(f"{domain}/{c}/" for c, images in per_class.items() if not images and c not in class_names)
+    return ImageTree(root, domain_names, class_names, files, ignored)
+
+
+def find_unreadable(paths: Sequence[Path]) -> dict[Path, str]:
+    """Decode every file (threads: PIL releases the GIL while decoding); map failures to reasons."""
+
+    def problem(path: Path) -> str | None:
+        try:
+            read_rgb(path)
+        except CorruptImageError as err:
+            return str(err.__cause__)
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reasons = list(pool.map(problem, paths))
+    return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
 
 
 def domainbed_transforms(image_size: int, augment: bool) -> tuple[T.Compose, T.Compose]:
@@ -50,55 +218,68 @@ def domainbed_transforms(image_size: int, augment: bool) -> tuple[T.Compose, T.C
     return train_transform, eval_transform
 
 
+def expected_total(expected: int | Mapping[str, int]) -> int:
+    """A domain's expected image count, given as a total or per class."""
+    return expected if isinstance(expected, int) else sum(expected.values())
+
+
 def domain_image_folder(
-    data_dir: str | Path,
-    name: str,
-    subdir: str | None = None,
+    root: str | Path | None,
+    name: str | None = None,
     domains: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    expected_counts: Mapping[str, int | Mapping[str, int]] | None = None,
     image_size: int = 224,
     augment: bool = True,
+    skip_corrupt: bool = False,
 ) -> MultiDomainDataset:
-    """Read ``data_dir/subdir/<domain>/<class>/*``; classes are the sorted union over domains.
+    """Read ``root/<domain>/<class>/*`` (see :func:`scan_image_tree`) as a multi-domain dataset.
 
-    ``domains`` fixes the names and order (a dataset config lists them); ``None`` discovers
-    every sub-folder.
+    ``name`` defaults to the folder's name. ``expected_counts`` (per domain: a total, or
+    per-class counts) only warns on a difference; ``genie-dg verify-data`` is the strict check.
+    A corrupt image raises :class:`CorruptImageError` when it is read, unless ``skip_corrupt``:
+    then every image is decoded once here and the unreadable ones are left out and logged.
     """
-    root = Path(data_dir).expanduser() / (subdir or "")
-    if not root.is_dir():
+    if root is None:
         raise UserInputError(
-            f"{name}: data directory {root} does not exist; put the dataset there in DomainBed's "
-            "layout (<domain>/<class>/<image>) or point paths.data_dir (or $DATA_DIR) at its parent"
+            "dataset.dataset.root is not set: point it at a <domain>/<class>/<image> tree, "
+            "e.g. dataset.dataset.root=/path/to/my_dataset"
         )
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    domain_names = list(domains) if domains is not None else found
-    missing = [d for d in domain_names if d not in found]
-    if missing or not domain_names:
-        raise UserInputError(
-            f"{name}: domain folder(s) {missing or '(none)'} not found in {root} (found: {found}); "
-            "check paths.data_dir and the dataset's domain list"
-        )
-    class_dirs = {d: sorted(p for p in (root / d).iterdir() if p.is_dir()) for d in domain_names}
-    classes = sorted({p.name for dirs in class_dirs.values() for p in dirs if not p.name.startswith(".")})
-    label = {c: i for i, c in enumerate(classes)}
-    per_domain = []
-    for d in domain_names:
-        samples = [
-            (f, label[c.name])
-            for c in class_dirs[d]
-            if c.name in label
-            for f in sorted(c.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-        ]
-        if not samples:
-            raise UserInputError(f"{name}: domain '{d}' ({root / d}) contains no images")
-        per_domain.append(ImageFiles(samples))
+    name = name or Path(root).name
+    tree = scan_image_tree(root, name, domains, classes)
+    tree.warn_ignored(name)
+    label = {c: i for i, c in enumerate(tree.classes)}
+    samples = {
+        d: [(f, label[c]) for c, images in tree.files[d].items() if c in label for f in images] for d in tree.domains
+    }
+    if skip_corrupt:
+        unreadable = find_unreadable([f for d in tree.domains for f, _ in samples[d]])
+        if unreadable:
+            listed = "; ".join(
+                f"{p.relative_to(tree.root)} ({why})" for p, why in list(unreadable.items())[:LISTED_IN_WARNING]
+            )
+            log.warning("%s: skipped %d unreadable image(s) (skip_corrupt=true): %s", name, len(unreadable), listed)
+        samples = {d: [(f, y) for f, y in pairs if f not in unreadable] for d, pairs in samples.items()}
+        for d, pairs in samples.items():
+            if not pairs:
+                raise UserInputError(f"{name}: every image of domain '{d}' is unreadable")
+    for d, expected in (expected_counts or {}).items():
+        if d in samples and len(samples[d]) != expected_total(expected):
+            log.warning(
+                "%s: domain '%s' has %d images where the dataset config expects %d; "
+                "`genie-dg verify-data` lists the differences per class",
+                name,
+                d,
+                len(samples[d]),
+                expected_total(expected),
+            )
     train_transform, eval_transform = domainbed_transforms(image_size, augment)
     return MultiDomainDataset(
         name=name,
-        domain_names=domain_names,
-        classes=classes,
+        domain_names=tree.domains,
+        classes=tree.classes,
         input_shape=(3, image_size, image_size),
-        domains=per_domain,
+        domains=[ImageFiles(samples[d]) for d in tree.domains],
         train_transform=train_transform,
         eval_transform=eval_transform,
     )

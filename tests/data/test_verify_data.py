@@ -1,0 +1,85 @@
+"""`genie-dg verify-data`: per-domain, per-class counts against the dataset config."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from trees import write_tree
+
+from genie_dg.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pacs_counts() -> dict[str, dict[str, int]]:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "dataset" / "pacs.yaml").dataset.expected_counts)
+
+
+@pytest.fixture
+def full_pacs(tmp_path) -> Path:
+    """A PACS-shaped tree with exactly DomainBed's 9,991 (tiny) images; returns the data dir."""
+    write_tree(tmp_path / "data" / "PACS", _pacs_counts())
+    return tmp_path / "data"
+
+
+def test_a_complete_dataset_prints_every_count_and_exits_0(full_pacs, capsys):
+    assert main(["verify-data", "pacs", "--data-dir", str(full_pacs)]) == 0
+    out = capsys.readouterr().out
+    for cell in ("379/379", "816/816", "80/80", "2048/2048", "3929/3929"):
+        assert cell in out
+    assert "pacs: OK" in out
+
+
+def test_a_missing_image_is_a_mismatch_and_exits_1(full_pacs, capsys, caplog):
+    (full_pacs / "PACS" / "photo" / "house" / "00000.png").unlink()
+    (full_pacs / "PACS" / "photo" / "house" / "Thumbs.db").write_bytes(b"\0")
+    assert main(["verify-data", "pacs", "--data-dir", str(full_pacs)]) == 1
+    captured = capsys.readouterr()
+    assert "photo/house: 279 found, 280 expected" in captured.out
+    assert "1 count mismatch(es)" in captured.out
+    assert "ignored 1 path(s)" in caplog.text and "photo/house/Thumbs.db" in caplog.text
+
+
+def test_check_images_finds_an_unreadable_image(full_pacs, capsys):
+    (full_pacs / "PACS" / "sketch" / "dog" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["verify-data", "pacs", "--data-dir", str(full_pacs), "--check-images"]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable sketch/dog/00003.png" in out
+    assert "decoded 9991 images: 1 unreadable" in out
+
+
+def test_a_user_tree_is_counted_without_expectations(tmp_path, capsys):
+    root = write_tree(tmp_path / "mine", {"day": {"cat": 2, "dog": 1}, "night": {"dog": 3}})
+    assert main(["verify-data", "image_folder", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "pins no expected counts" in out and "image_folder: OK" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["verify-data", "pacz"], "unknown dataset 'pacz'"),
+        (["verify-data", "rotated_mnist"], "'rotated_mnist' is not read from image folders"),
+        (["verify-data", "image_folder"], "pass --root"),
+        (["verify-data", "vlcs", "--data-dir", "/nonexistent"], "VLCS does not exist"),
+    ],
+)
+def test_unusable_requests_are_one_error_line_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_the_console_script_is_installed_and_verifies(full_pacs):
+    script = shutil.which("genie-dg", path=str(Path(sys.executable).parent))
+    assert script, "pip install -e . creates the genie-dg console script"
+    result = subprocess.run(
+        [script, "verify-data", "pacs", "--data-dir", str(full_pacs)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pacs: OK" in result.stdout

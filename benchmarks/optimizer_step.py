@@ -1,15 +1,28 @@
-"""Time one optimizer step of GENIE against torch's Adam/AdamW/SGD on timm ResNets.
+"""Time optimizer steps: GENIE's ``step()`` alone on timm ResNets, and every configured
+optimizer end to end on the default experiment's network.
 
-Not a test. Gradients are random (seeded) and alternate between two sets, so
-the moving averages see a non-zero variance as in training; only ``step()``
-is timed. Example::
+Not a test. Two tables:
 
-    python benchmarks/optimizer_step.py                      # resnet18, compiled GENIE included
+1. ``step()`` alone (GENIE against torch's Adam/AdamW/SGD). Gradients are random (seeded) and
+   alternate between two sets, so the moving averages see a non-zero variance as in training.
+   Columns: median milliseconds per step, ratio to Adam(foreach) and to Adam(fused), and
+   optimizer-state bytes per parameter (sum of ``nbytes`` of the tensors in
+   ``optimizer.state`` divided by the number of parameter elements).
+2. End to end: ``optimizer.step(closure)`` where the closure zeroes the gradients and runs the
+   forward and backward pass, as Lightning's automatic optimization does, so the extra passes
+   of SAM, GAM and FAD and the Hessian-vector products of AdaHessian and GAM are included.
+   Each optimizer is built from its Hydra config (``conf/optimizer/<name>.yaml`` with the
+   default dataset's tuned values) over the default experiment's network (the backbone
+   config, one input channel, 10 classes) on one batch of the default experiment's size
+   (batch_size per domain x 5 training domains) of random 28x28 images: timings do not
+   depend on pixel values. Columns: median milliseconds per step, ratio to Adam, backward
+   passes per step.
+
+Example::
+
+    python benchmarks/optimizer_step.py                      # both tables, compiled GENIE included
     python benchmarks/optimizer_step.py --models resnet18 resnet50 --repeats 10
-
-Columns: median milliseconds per step, ratio to Adam(foreach) and to
-Adam(fused), and optimizer-state bytes per parameter (sum of ``nbytes`` of the
-tensors in ``optimizer.state`` divided by the number of parameter elements).
+    python benchmarks/optimizer_step.py --skip-step-only --e2e-optimizers adam sam fad
 """
 
 from __future__ import annotations
@@ -21,9 +34,19 @@ import statistics
 import time
 import traceback
 
-import torch
+from pathlib import Path
 
-from genie_dg.optim import GENIE
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from genie_dg.models import Classifier
+from genie_dg.optim import GENIE, differentiates_gradient
+from genie_dg.pipeline import instantiate_or_explain
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+END_TO_END_OPTIMIZERS = ("adam", "adamw", "sgd", "yogi", "adabelief", "adahessian", "sam", "gam", "fad", "genie")
 
 
 def build_params(name: str, seed: int, grad_sets: int):
@@ -120,6 +143,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    ap.add_argument("--skip-step-only", action="store_true", help="skip the step()-only table")
+    ap.add_argument("--skip-end-to-end", action="store_true", help="skip the end-to-end table")
+    ap.add_argument(
+        "--e2e-optimizers", nargs="+", default=list(END_TO_END_OPTIMIZERS), help="conf/optimizer names to time"
+    )
+    ap.add_argument("--e2e-repeats", type=int, default=5, help="timed end-to-end steps per optimizer")
+    ap.add_argument("--e2e-warmup", type=int, default=1, help="untimed end-to-end steps first")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +158,13 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, repeats={args.repeats}, warmup={args.warmup}"
     )
+    if not args.skip_step_only:
+        print_step_only_table(args)
+    if not args.skip_end_to_end:
+        print_end_to_end_table(args)
+
+
+def print_step_only_table(args) -> None:
     rows = []
     for name in args.models:
         rows += run_model(name, args)
@@ -144,6 +181,50 @@ def main() -> None:
                 f"| {name} | {n / 1e6:.1f}M | {label} | {ms:.1f} | {ms / ref_foreach:.2f} | "
                 f"{ms / ref_fused:.2f} | {bpp:.1f} | {note} |"
             )
+
+
+def time_end_to_end(name: str, args) -> tuple[float, float]:
+    """Median ms of ``optimizer.step(closure)`` and backward passes per step for one config."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"optimizer={name}"])
+    torch.manual_seed(args.seed)
+    network = Classifier(instantiate(cfg.backbone, in_chans=1), num_classes=10).train()
+    batch = cfg.dataset.batch_size * 5
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    optimizer = instantiate_or_explain(cfg.optimizer)(network.parameters())
+    create_graph = differentiates_gradient(optimizer)
+    passes = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal passes
+        passes += 1
+        optimizer.zero_grad()
+        loss = F.cross_entropy(network(x), y)
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    times = []
+    for k in range(args.e2e_warmup + args.e2e_repeats):
+        passes = 0
+        start = time.perf_counter()
+        optimizer.step(closure)
+        if k >= args.e2e_warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, passes
+
+
+def print_end_to_end_table(args) -> None:
+    rows = []
+    for name in args.e2e_optimizers:
+        ms, passes = time_end_to_end(name, args)
+        rows.append((name, ms, passes))
+        print(f"  end to end: {name}: {ms:.0f} ms, {passes} passes", flush=True)
+    print()
+    print("| optimizer (config) | median ms/step | x adam | forward/backward passes per step |")
+    print("|---|---|---|---|")
+    reference = next((ms for name, ms, _ in rows if name == "adam"), float("nan"))
+    for name, ms, passes in rows:
+        print(f"| {name} | {ms:.0f} | {ms / reference:.2f} | {passes} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,35 @@
-"""The LightningModule: a timm classifier trained by a pluggable DG algorithm."""
+"""The LightningModule: a timm classifier trained by a pluggable DG algorithm.
+
+How optimizers meet DG algorithms
+--------------------------------
+With automatic optimization (``DGAlgorithm.training_loss``), Lightning hands
+``optimizer.step`` a closure that re-runs :meth:`DGModule.training_step` (the algorithm's full
+loss, penalties included), zeroes the gradients and back-propagates. That one mechanism serves
+every optimizer: first-order ones call the closure once; SAM, GAM and FAD call it at perturbed
+weights as often as they need (``genie_dg.optim.evaluates_closure``), so each of their passes
+sees the whole DG objective. Optimizers that differentiate the gradient again (AdaHessian, GAM:
+``genie_dg.optim.differentiates_gradient``) get ``create_graph=True`` from
+:meth:`DGModule.backward`, the one place every backward pass goes through, that of
+``manual_backward`` included. Only the first pass of a step logs ``train/loss`` and the
+algorithm's metrics, may reset the optimizer state, and updates BatchNorm running statistics:
+the later passes evaluate the loss at perturbed weights. ``train/passes_per_step`` logs the
+backward passes of each step (SAM 2, GAM 2, FAD 4; Hessian-vector products inside ``step`` are
+not counted). An algorithm's ``training_loss`` therefore runs once per pass; state it keeps
+(GroupDRO's weights, Fishr's moving averages, Mixup's draws) changes at most once per step,
+guarded by ``algorithm.update_count``.
+
+Algorithms with manual optimization step their optimizers themselves, without a closure, so
+closure-based optimizers are refused for them; so is ``precision=16-mixed``, whose gradient
+scaler calls ``step()`` without a closure and scales the gradient that second-order optimizers
+differentiate.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -10,7 +37,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from genie_dg.algorithms.base import DGAlgorithm, DomainBatch
+from genie_dg.errors import UserInputError
 from genie_dg.models.backbone import Classifier
+from genie_dg.optim import differentiates_gradient, evaluates_closure
 
 
 class DGModule(LightningModule):
@@ -57,6 +86,7 @@ class DGModule(LightningModule):
         self.eval_accuracy = nn.ModuleList(
             MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in eval_domains
         )
+        self._backward_passes = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -68,9 +98,12 @@ class DGModule(LightningModule):
             DomainBatch(xs, ys, int(ds[0]))
             for xs, ys, ds in zip(x.split(per_domain), y.split(per_domain), domain.split(per_domain))
         ]
+        # A closure optimizer re-runs this method after each backward pass of the step.
+        first_pass = self._backward_passes == 0
         if self.automatic_optimization:
-            output = self.algorithm.training_loss(self.network, batches)
-            if output.reset_optimizer:
+            with nullcontext() if first_pass else _running_stats_frozen(self):
+                output = self.algorithm.training_loss(self.network, batches)
+            if output.reset_optimizer and first_pass:
                 self._reset_optimizer_state()
         else:
             output = self.algorithm.manual_step(self, batches)
@@ -79,12 +112,28 @@ class DGModule(LightningModule):
                 f"training loss is {output.loss.item()} at step {self.global_step}; the run diverged: "
                 "lower optimizer.lr (checkpoints written so far are kept)"
             )
-        self.log("train/loss", output.loss, prog_bar=True)
-        for name, value in output.metrics.items():
-            self.log(f"train/{name}", value)
+        if first_pass:
+            self.log("train/loss", output.loss, prog_bar=True)
+            for name, value in output.metrics.items():
+                self.log(f"train/{name}", value)
         return output.loss if self.automatic_optimization else None
 
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self._backward_passes += 1
+        if not any(differentiates_gradient(optimizer) for optimizer in self.trainer.optimizers):
+            super().backward(loss, *args, **kwargs)
+            return
+        with warnings.catch_warnings():
+            # torch warns that .grad then references its own graph; the cycle is broken when
+            # zero_grad sets .grad to None, which Lightning does before every backward pass.
+            warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+            super().backward(loss, *args, **{**kwargs, "create_graph": True})
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        self._backward_passes = 0
+
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self.log("train/passes_per_step", float(self._backward_passes))
         self.algorithm.update_count += 1
 
     def _reset_optimizer_state(self) -> None:
@@ -122,4 +171,33 @@ class DGModule(LightningModule):
         self._log_accuracies("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
-        return self.algorithm.configure_optimizers(self.network, self.optimizer_factory)
+        optimizers = self.algorithm.configure_optimizers(self.network, self.optimizer_factory)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            name = type(optimizer).__name__
+            if evaluates_closure(optimizer) and not self.automatic_optimization:
+                raise UserInputError(
+                    f"optimizer {name} re-evaluates the loss through a closure, but algorithm "
+                    f"{type(self.algorithm).__name__} steps its optimizers itself without one "
+                    "(manual optimization); choose another optimizer or algorithm"
+                )
+            uses_closure_or_hessian = evaluates_closure(optimizer) or differentiates_gradient(optimizer)
+            if uses_closure_or_hessian and self.trainer.precision == "16-mixed":
+                raise UserInputError(
+                    f"optimizer {name} does not work with trainer.precision=16-mixed (its gradient "
+                    "scaler steps without a closure and scales the gradient); use bf16-mixed or 32-true"
+                )
+        return optimizers
+
+
+@contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` keep their running statistics (momentum 0) in the block."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum

@@ -11,55 +11,20 @@ from torch import nn
 from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.dann import CDANN, DANN, class_balanced_cross_entropy, discriminator_mlp
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
 from genie_dg.pipeline import build
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class ManualModule:
-    """What ``manual_step`` uses of the LightningModule: the network, the optimizers, backward."""
-
-    def __init__(self, network: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.network = network
-        self._optimizers = optimizers
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return self._optimizers
-
-    def manual_backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
-
-
-def _batches(n_domains: int = 2) -> list[DomainBatch]:
-    torch.manual_seed(1)
-    y = torch.tensor([0, 1, 0, 1, 1, 0])
-    return [DomainBatch(torch.randn(6, 3) * (d + 1) + d, y, d) for d in range(n_domains)]
 
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 
 
-def _run(algorithm, network, steps: int, batches: list[DomainBatch]) -> str:
-    """Train ``steps`` steps; returns the optimizer stepped at each, 'D' or 'G'."""
-    optimizers = algorithm.configure_optimizers(network, SGD)
+def _run(algorithm, module, steps: int, batches: list[DomainBatch]) -> str:
+    """Train ``steps`` steps through ``module``; returns the optimizer stepped at each, 'D' or 'G'."""
     stepped: list[str] = []
-    for name, optimizer in zip("DG", optimizers):
+    for name, optimizer in zip("DG", module.optimizers()):
         optimizer.register_step_post_hook(lambda *_, name=name: stepped.append(name))
-    module = ManualModule(network, optimizers)
     for step in range(steps):
         algorithm.manual_step(module, batches)
-        assert len(stepped) == step + 1, "exactly one optimizer step per training step"
+        assert module.steps == step + 1, "exactly one optimizer step per training step"
         algorithm.update_count += 1
     return "".join(stepped)
 
@@ -88,21 +53,26 @@ def test_class_balanced_cross_entropy_weighs_each_class_equally():
     # DomainBed: counter t = 1, 2, ...; discriminator step iff t % (1 + d) < d.
     [(1, "GDGDGD"), (2, "DGDDGDDG"), (3, "DDGDDDGD")],
 )
-def test_discriminator_and_generator_alternate_by_d_steps_per_g_step(d_steps_per_g_step, expected):
-    network = _network()
+def test_discriminator_and_generator_alternate_by_d_steps_per_g_step(
+    d_steps_per_g_step, expected, make_network, make_batches, manual_module
+):
+    network = make_network()
     dann = DANN(2, 2, 3, d_steps_per_g_step=d_steps_per_g_step, mlp_width=4)
-    assert _run(dann, network, len(expected), _batches()) == expected
+    module = manual_module(network, dann.configure_optimizers(network, SGD))
+    assert _run(dann, module, len(expected), make_batches()) == expected
 
 
-def test_discriminator_step_moves_only_the_discriminator_and_generator_step_only_the_network():
-    network = _network()
+def test_discriminator_step_moves_only_the_discriminator_and_generator_step_only_the_network(
+    make_network, make_batches, manual_module
+):
+    network = make_network()
     dann = DANN(2, 2, 3, d_steps_per_g_step=1, mlp_width=4)
     optimizers = dann.configure_optimizers(network, SGD)
-    module = ManualModule(network, optimizers)
+    module = manual_module(network, optimizers)
     for step, trains in enumerate(["network", "discriminator"]):
         net_before = [p.detach().clone() for p in network.parameters()]
         disc_before = [p.detach().clone() for p in dann.discriminator.parameters()]
-        out = dann.manual_step(module, _batches())
+        out = dann.manual_step(module, make_batches())
         net_moved = any(not torch.equal(a, p) for a, p in zip(net_before, network.parameters()))
         disc_moved = any(not torch.equal(a, p) for a, p in zip(disc_before, dann.discriminator.parameters()))
         assert (net_moved, disc_moved) == (trains == "network", trains == "discriminator"), step
@@ -110,15 +80,17 @@ def test_discriminator_step_moves_only_the_discriminator_and_generator_step_only
         dann.update_count += 1
 
 
-def test_generator_loss_is_classification_minus_lambda_times_discriminator_loss():
-    network, batches = _network(), _batches()
+def test_generator_loss_is_classification_minus_lambda_times_discriminator_loss(
+    make_network, make_batches, manual_module
+):
+    network, batches = make_network(), make_batches()
     dann = DANN(2, 2, 3, dann_lambda=0.3, mlp_width=4)
     optimizers = dann.configure_optimizers(network, functools.partial(torch.optim.SGD, lr=0.0))
     x, y = torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches])
     domains = torch.tensor([0] * 6 + [1] * 6)
     classification = F.cross_entropy(network(x), y)
     disc = F.cross_entropy(dann.discriminator(x), domains)
-    out = dann.manual_step(ManualModule(network, optimizers), batches)  # step 0: generator
+    out = dann.manual_step(manual_module(network, optimizers), batches)  # step 0: generator
     assert out.metrics["discriminator_step"].item() == 0.0
     assert torch.allclose(out.loss, classification - 0.3 * disc)
     assert torch.allclose(out.metrics["discriminator_loss"], disc)
@@ -157,8 +129,8 @@ def test_cdann_discriminator_sees_class_embeddings_with_class_balanced_loss():
     assert not torch.allclose(loss, F.cross_entropy(cdann.discriminator(features), domains))
 
 
-def test_optimizers_take_dann_overrides_and_domainbeds_betas_where_the_optimizer_has_them():
-    network = _network()
+def test_optimizers_take_dann_overrides_and_domainbeds_betas_where_the_optimizer_has_them(make_network):
+    network = make_network()
     dann = DANN(2, 2, 3, lr_d=1e-2, weight_decay_d=1e-4, lr_g=None, weight_decay_g=None, beta1=0.5)
     adam = functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=0.0)
     discriminator, generator = dann.configure_optimizers(network, adam)
@@ -187,14 +159,15 @@ def test_dann_rejects_bad_hyper_parameters():
 
 
 @pytest.mark.parametrize("cls", [DANN, CDANN])
-def test_dann_refuses_a_single_training_domain_unless_allowed(cls):
+def test_dann_refuses_a_single_training_domain_unless_allowed(cls, make_network, make_batches, manual_module):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         cls(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         dann = cls(2, 1, 3, allow_degenerate=True, d_steps_per_g_step=2, mlp_width=4)
-    network, batches = _network(), _batches(n_domains=1)
+    network, batches = make_network(), make_batches(n_domains=1)
     before = F.cross_entropy(network(batches[0].x), batches[0].y)
-    assert _run(dann, network, 3, batches) == "GGG", "ERM: only generator steps"
+    module = manual_module(network, dann.configure_optimizers(network, SGD))
+    assert _run(dann, module, 3, batches) == "GGG", "ERM: only generator steps"
     assert F.cross_entropy(network(batches[0].x), batches[0].y) < before
 
 

@@ -4,23 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms import CORAL, ERM, DomainBatch, coral_distance
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
 
 
 def test_coral_distance_of_identical_batches_is_zero():
@@ -45,15 +31,15 @@ def _batches(same: bool) -> list[DomainBatch]:
     return [DomainBatch(x, y, 0), DomainBatch(other, y, 1)]
 
 
-def test_erm_is_cross_entropy_of_the_pooled_batches():
-    net, batches = _network(), _batches(same=False)
+def test_erm_is_cross_entropy_of_the_pooled_batches(make_network):
+    net, batches = make_network(), _batches(same=False)
     expected = F.cross_entropy(net(torch.cat([b.x for b in batches])), torch.cat([b.y for b in batches]))
     loss = ERM(2, 2, 3).training_loss(net, batches).loss
     assert torch.allclose(loss, expected)
 
 
-def test_coral_adds_gamma_times_the_mean_pairwise_penalty():
-    net = _network()
+def test_coral_adds_gamma_times_the_mean_pairwise_penalty(make_network):
+    net = make_network()
     same = CORAL(2, 2, 3, mmd_gamma=1.0).training_loss(net, _batches(same=True))
     assert same.metrics["coral_penalty"].item() == 0.0
     batches = _batches(same=False)
@@ -63,13 +49,13 @@ def test_coral_adds_gamma_times_the_mean_pairwise_penalty():
     assert torch.allclose(out.loss, ce + 0.5 * penalty)
 
 
-def test_coral_refuses_a_single_training_domain_unless_allowed():
+def test_coral_refuses_a_single_training_domain_unless_allowed(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         CORAL(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         coral = CORAL(2, 1, 3, allow_degenerate=True)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
-    out = coral.training_loss(_network(), [DomainBatch(x, y, 0)])
+    out = coral.training_loss(make_network(), [DomainBatch(x, y, 0)])
     assert out.metrics["coral_penalty"].item() == 0.0
 
 

@@ -8,65 +8,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.fish import Fish
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
 
 
-class Identity(nn.Module):
-    num_features = 3
+@pytest.fixture
+def make_fish(manual_module):
+    """``make_fish(network, optimizer_factory, n_domains=2, meta_lr=0.5)``: Fish and the module
+    standing in for the LightningModule, with Fish's optimizers over ``network``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def make(network, factory, n_domains=2, meta_lr=0.5):
+        fish = Fish(2, n_domains, 3, meta_lr=meta_lr)
+        return fish, manual_module(network, fish.configure_optimizers(network, factory))
 
-
-class ManualModule:
-    """What ``manual_step`` uses of the LightningModule: the network, the optimizer, backward."""
-
-    def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.network = network
-        self._optimizer = optimizer
-        self.steps = 0
-        optimizer.register_step_post_hook(lambda *_: setattr(self, "steps", self.steps + 1))
-
-    def optimizers(self) -> torch.optim.Optimizer:
-        return self._optimizer
-
-    def manual_backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    return make
 
 
-def _network(featurizer: nn.Module | None = None) -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(featurizer or Identity(), num_classes=2)
-
-
-def _batches(n_domains: int = 2) -> list[DomainBatch]:
-    torch.manual_seed(1)
-    y = torch.tensor([0, 1, 0, 1, 1, 0])
-    return [DomainBatch(torch.randn(6, 3) * (d + 1) + d, y, d) for d in range(n_domains)]
-
-
-def _linear_gradient(weight, bias, x, y):
-    """Closed-form gradient of the mean cross-entropy of ``x @ weight.T + bias``."""
-    residual = ((x @ weight.T + bias).softmax(-1) - F.one_hot(y, weight.shape[0])) / len(y)
-    return residual.T @ x, residual.sum(0)
-
-
-def _fish(network, factory, n_domains=2, meta_lr=0.5):
-    fish = Fish(2, n_domains, 3, meta_lr=meta_lr)
-    return fish, ManualModule(network, fish.configure_optimizers(network, factory))
-
-
-def test_fish_with_plain_sgd_moves_meta_lr_of_the_way_to_the_inner_loops_weights():
-    network, batches = _network(), _batches(n_domains=3)
+def test_fish_with_plain_sgd_moves_meta_lr_of_the_way_to_the_inner_loops_weights(
+    make_network, make_batches, linear_gradient, make_fish
+):
+    network, batches = make_network(), make_batches(n_domains=3)
     lr, meta_lr = 0.4, 0.3
-    fish, module = _fish(network, functools.partial(torch.optim.SGD, lr=lr), n_domains=3, meta_lr=meta_lr)
+    fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=lr), n_domains=3, meta_lr=meta_lr)
     w, b = network.head.weight.detach().clone(), network.head.bias.detach().clone()
     inner_w, inner_b = w.clone(), b.clone()
     for batch in batches:  # one SGD step per domain, in order
-        gw, gb = _linear_gradient(inner_w, inner_b, batch.x, batch.y)
+        gw, gb = linear_gradient(inner_w, inner_b, batch.x, batch.y)
         inner_w, inner_b = inner_w - lr * gw, inner_b - lr * gb
     fish.manual_step(module, batches)
     assert module.steps == 1
@@ -74,36 +41,42 @@ def test_fish_with_plain_sgd_moves_meta_lr_of_the_way_to_the_inner_loops_weights
     assert torch.allclose(network.head.bias, b + meta_lr * (inner_b - b), atol=1e-6)
 
 
-def test_fish_outer_optimizer_has_no_weight_decay_and_the_inner_one_keeps_it():
-    network = _network()
-    fish, module = _fish(network, functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01))
+def test_fish_outer_optimizer_has_no_weight_decay_and_the_inner_one_keeps_it(
+    make_network, make_batches, make_fish
+):
+    network = make_network()
+    fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01))
     assert module.optimizers().param_groups[0]["weight_decay"] == 0.0
-    fish.manual_step(module, _batches())
+    fish.manual_step(module, make_batches())
     _, inner_optimizer = fish._inner_loop(network)
     assert inner_optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
-def test_fish_inner_optimizer_keeps_its_state_across_steps_and_through_a_checkpoint():
-    network, batches = _network(), _batches(n_domains=3)
+def test_fish_inner_optimizer_keeps_its_state_across_steps_and_through_a_checkpoint(
+    make_network, make_batches, make_fish
+):
+    network, batches = make_network(), make_batches(n_domains=3)
     adam = functools.partial(torch.optim.Adam, lr=0.01)
-    fish, module = _fish(network, adam, n_domains=3)
+    fish, module = make_fish(network, adam, n_domains=3)
     for _ in range(2):
         fish.manual_step(module, batches)
     _, inner_optimizer = fish._inner_loop(network)
     steps = [int(s["step"]) for s in inner_optimizer.state.values()]
     assert steps == [6, 6], "two training steps of three domains each"
     state = fish.state_dict()
-    resumed, resumed_module = _fish(_network(), adam, n_domains=3)
+    resumed, resumed_module = make_fish(make_network(), adam, n_domains=3)
     resumed.load_state_dict(state)
     resumed.manual_step(resumed_module, batches)
     _, resumed_inner = resumed._inner_loop(resumed_module.network)
     assert [int(s["step"]) for s in resumed_inner.state.values()] == [9, 9]
 
 
-def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters():
+def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters(
+    make_network, make_batches, make_fish
+):
     bn = nn.BatchNorm1d(3)
-    network, batches = _network(bn), _batches()
-    fish, module = _fish(network, functools.partial(torch.optim.SGD, lr=0.1), meta_lr=0.5)
+    network, batches = make_network(featurizer=bn), make_batches()
+    fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1), meta_lr=0.5)
     fish.manual_step(module, batches)
     # The copy's running mean after its two forwards (momentum 0.1, starting at 0).
     inner_mean = 0.9 * (0.1 * batches[0].x.mean(0)) + 0.1 * batches[1].x.mean(0)
@@ -111,23 +84,24 @@ def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters():
     assert int(bn.num_batches_tracked) == 2
 
 
-def test_fish_rejects_bad_settings():
+def test_fish_rejects_bad_settings(make_network):
     with pytest.raises(UserInputError, match="algorithm.meta_lr"):
         Fish(2, 2, 3, meta_lr=0.0)
     with pytest.raises(UserInputError, match="optimizer.lr > 0"):
-        Fish(2, 2, 3).configure_optimizers(_network(), functools.partial(torch.optim.SGD, lr=0.0))
+        Fish(2, 2, 3).configure_optimizers(make_network(), functools.partial(torch.optim.SGD, lr=0.0))
+    adahessian = functools.partial(pytorch_optimizer.AdaHessian, lr=0.1)
     with pytest.raises(UserInputError, match="AdaHessian has no Hessian"):
-        Fish(2, 2, 3).configure_optimizers(_network(), functools.partial(pytorch_optimizer.AdaHessian, lr=0.1))
+        Fish(2, 2, 3).configure_optimizers(make_network(), adahessian)
 
 
-def test_fish_refuses_a_single_training_domain_unless_allowed():
+def test_fish_refuses_a_single_training_domain_unless_allowed(make_network, make_batches, manual_module):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         Fish(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         fish = Fish(2, 1, 3, allow_degenerate=True)
-    network, batches = _network(), _batches(n_domains=1)
+    network, batches = make_network(), make_batches(n_domains=1)
     sgd = functools.partial(torch.optim.SGD, lr=0.5)
-    module = ManualModule(network, fish.configure_optimizers(network, sgd))
+    module = manual_module(network, fish.configure_optimizers(network, sgd))
     before = F.cross_entropy(network(batches[0].x), batches[0].y)
     out = fish.manual_step(module, batches)
     assert torch.allclose(out.loss, before)

@@ -3,24 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms.base import DomainBatch
 from genie_dg.algorithms.groupdro import GroupDRO
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
 
 
 def _batches(num_domains: int = 3) -> list[DomainBatch]:
@@ -29,8 +15,8 @@ def _batches(num_domains: int = 3) -> list[DomainBatch]:
     return [DomainBatch(torch.randn(6, 3) * (d + 1), y, d) for d in range(num_domains)]
 
 
-def test_groupdro_weights_follow_exponentiated_risks_once_per_step():
-    net, batches = _network(), _batches()
+def test_groupdro_weights_follow_exponentiated_risks_once_per_step(make_network):
+    net, batches = make_network(), _batches()
     dro = GroupDRO(2, 3, 3, groupdro_eta=0.5)
     risks = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches]).detach()
     assert torch.allclose(dro.q, torch.full((3,), 1 / 3))
@@ -50,12 +36,12 @@ def test_groupdro_weights_follow_exponentiated_risks_once_per_step():
     assert torch.allclose(dro.q, torch.softmax(2 * 0.5 * risks, 0))
 
 
-def test_groupdro_with_a_single_domain_is_erm():
+def test_groupdro_with_a_single_domain_is_erm(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         GroupDRO(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         dro = GroupDRO(2, 1, 3, allow_degenerate=True)
-    net, [batch] = _network(), _batches(1)
+    net, [batch] = make_network(), _batches(1)
     out = dro.training_loss(net, [batch])
     assert torch.allclose(out.loss, F.cross_entropy(net(batch.x), batch.y))
     assert dro.q.tolist() == [1.0]

@@ -5,24 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms.base import DomainBatch
 from genie_dg.algorithms.irm import IRM, irm_penalty, scale_gradient
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=3)
 
 
 def _batches(num_domains: int = 2, size: int = 6) -> list[DomainBatch]:
@@ -67,8 +53,8 @@ def test_irm_penalty_vanishes_for_a_perfectly_scaled_classifier():
     assert irm_penalty(logits * low, y).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_irm_loss_is_mean_domain_loss_plus_weighted_penalty_and_anneals_at_the_configured_step():
-    net, batches = _network(), _batches()
+def test_irm_loss_is_mean_domain_loss_plus_weighted_penalty_and_anneals_at_the_configured_step(make_network):
+    net, batches = make_network(3), _batches()
     irm = IRM(3, 2, 3, irm_lambda=100.0, irm_penalty_anneal_iters=2, reset_optimizer_on_anneal=True)
     ce = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches]).mean()
     penalty = torch.stack([irm_penalty(net(b.x), b.y) for b in batches]).mean()
@@ -83,9 +69,9 @@ def test_irm_loss_is_mean_domain_loss_plus_weighted_penalty_and_anneals_at_the_c
     assert not irm.training_loss(net, batches).reset_optimizer, "a re-evaluation in the same step must not reset"
 
 
-def test_irm_resets_the_optimizer_only_when_asked():
+def test_irm_resets_the_optimizer_only_when_asked(make_network):
     irm = IRM(3, 2, 3, irm_penalty_anneal_iters=0)
-    assert not irm.training_loss(_network(), _batches()).reset_optimizer
+    assert not irm.training_loss(make_network(3), _batches()).reset_optimizer
 
 
 def test_irm_annealing_clears_adam_state_during_training(train_algorithm):
@@ -97,20 +83,20 @@ def test_irm_annealing_clears_adam_state_during_training(train_algorithm):
     assert int(state["step"]) == 2
 
 
-def test_irm_refuses_a_single_training_domain_unless_allowed():
+def test_irm_refuses_a_single_training_domain_unless_allowed(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         IRM(3, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         irm = IRM(3, 1, 3, allow_degenerate=True)
-    net, [batch] = _network(), _batches(1)
+    net, [batch] = make_network(3), _batches(1)
     out = irm.training_loss(net, [batch])
     assert torch.allclose(out.loss, F.cross_entropy(net(batch.x), batch.y))
     assert out.metrics["irm_penalty"].item() != 0.0
 
 
-def test_irm_needs_two_samples_per_domain():
+def test_irm_needs_two_samples_per_domain(make_network):
     with pytest.raises(UserInputError, match="dataset.batch_size"):
-        IRM(3, 2, 3).training_loss(_network(), _batches(size=1))
+        IRM(3, 2, 3).training_loss(make_network(3), _batches(size=1))
 
 
 @pytest.mark.parametrize(

@@ -3,24 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms.base import DomainBatch
 from genie_dg.algorithms.mixup import Mixup, domain_cycle
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
 
 
 def _batches(sizes: tuple[int, ...] = (6, 6, 6)) -> list[DomainBatch]:
@@ -33,8 +19,8 @@ def test_domain_cycle_pairs_each_domain_with_the_next():
     assert domain_cycle([0]) == [(0, 0)]
 
 
-def test_mixup_loss_matches_hand_computation_with_the_steps_draws():
-    net, batches = _network(), _batches((6, 4, 5))
+def test_mixup_loss_matches_hand_computation_with_the_steps_draws(make_network):
+    net, batches = make_network(), _batches((6, 4, 5))
     mixup = Mixup(2, 3, 3, mixup_alpha=0.2)
     torch.manual_seed(5)
     plan = mixup.mixing_plan(3)
@@ -49,8 +35,8 @@ def test_mixup_loss_matches_hand_computation_with_the_steps_draws():
     assert torch.allclose(mixup.training_loss(net, batches).loss, expected / 3)
 
 
-def test_mixup_draws_pairs_and_weights_once_per_step():
-    net, batches = _network(), _batches()
+def test_mixup_draws_pairs_and_weights_once_per_step(make_network):
+    net, batches = make_network(), _batches()
     mixup = Mixup(2, 3, 3, mixup_alpha=1.0)
     first = mixup.training_loss(net, batches).loss
     plan = mixup.mixing_plan(3)
@@ -59,12 +45,12 @@ def test_mixup_draws_pairs_and_weights_once_per_step():
     assert mixup.mixing_plan(3) != plan, "the next step draws afresh"
 
 
-def test_mixup_with_a_single_domain_is_erm():
+def test_mixup_with_a_single_domain_is_erm(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         Mixup(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         mixup = Mixup(2, 1, 3, allow_degenerate=True)
-    net, [batch] = _network(), _batches((6,))
+    net, [batch] = make_network(), _batches((6,))
     assert torch.allclose(mixup.training_loss(net, [batch]).loss, F.cross_entropy(net(batch.x), batch.y))
 
 

@@ -11,52 +11,11 @@ from torch import nn
 from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.mldg import MLDG, build_inner_optimizer, meta_train_test_pairs
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
 from genie_dg.optim import GENIE
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class ManualModule:
-    """What ``manual_step`` uses of the LightningModule: the network, the optimizer, backward."""
-
-    def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.network = network
-        self._optimizer = optimizer
-        self.steps = 0
-        optimizer.register_step_post_hook(lambda *_: setattr(self, "steps", self.steps + 1))
-
-    def optimizers(self) -> torch.optim.Optimizer:
-        return self._optimizer
-
-    def manual_backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-
-def _network(featurizer: nn.Module | None = None) -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(featurizer or Identity(), num_classes=2)
-
-
-def _batches(n_domains: int = 2) -> list[DomainBatch]:
-    torch.manual_seed(1)
-    y = torch.tensor([0, 1, 0, 1, 1, 0])
-    return [DomainBatch(torch.randn(6, 3) * (d + 1) + d, y, d) for d in range(n_domains)]
 
 
 def _sgd(lr: float):
     return functools.partial(torch.optim.SGD, lr=lr)
-
-
-def _linear_gradient(weight, bias, x, y):
-    """Closed-form gradient of the mean cross-entropy of ``x @ weight.T + bias``."""
-    residual = ((x @ weight.T + bias).softmax(-1) - F.one_hot(y, weight.shape[0])) / len(y)
-    return residual.T @ x, residual.sum(0)
 
 
 def test_meta_pairs_follow_domainbeds_split():
@@ -77,18 +36,20 @@ def test_meta_pairs_follow_domainbeds_split():
     assert [(a.domain, b.domain) for a, b in cycled] == [(i, order[3]) for i in order[:3]]
 
 
-def test_mldg_step_applies_meta_train_plus_beta_meta_test_gradient():
-    network, batches = _network(), _batches()
+def test_mldg_step_applies_meta_train_plus_beta_meta_test_gradient(
+    make_network, make_batches, manual_module, linear_gradient
+):
+    network, batches = make_network(), make_batches()
     lr, beta = 0.5, 0.3
     mldg = MLDG(2, 2, 3, mldg_beta=beta, n_meta_test=1)
-    module = ManualModule(network, mldg.configure_optimizers(network, _sgd(lr)))
+    module = manual_module(network, mldg.configure_optimizers(network, _sgd(lr)))
     w, b = network.head.weight.detach().clone(), network.head.bias.detach().clone()
     torch.manual_seed(5)
     i, j = torch.randperm(2).tolist()
     torch.manual_seed(5)
     out = mldg.manual_step(module, batches)
-    gw_i, gb_i = _linear_gradient(w, b, batches[i].x, batches[i].y)
-    gw_j, gb_j = _linear_gradient(w - lr * gw_i, b - lr * gb_i, batches[j].x, batches[j].y)
+    gw_i, gb_i = linear_gradient(w, b, batches[i].x, batches[i].y)
+    gw_j, gb_j = linear_gradient(w - lr * gw_i, b - lr * gb_i, batches[j].x, batches[j].y)
     # One pair over two domains: the gradient is (G_i + beta * G_j) / 2.
     assert torch.allclose(network.head.weight, w - lr * (gw_i + beta * gw_j) / 2, atol=1e-6)
     assert torch.allclose(network.head.bias, b - lr * (gb_i + beta * gb_j) / 2, atol=1e-6)
@@ -98,11 +59,13 @@ def test_mldg_step_applies_meta_train_plus_beta_meta_test_gradient():
     assert torch.allclose(out.loss, (loss_i + beta * loss_j) / 2, atol=1e-6)
 
 
-def test_mldg_copies_the_batch_norm_statistics_the_inner_network_gathers():
+def test_mldg_copies_the_batch_norm_statistics_the_inner_network_gathers(
+    make_network, make_batches, manual_module
+):
     bn = nn.BatchNorm1d(3)
-    network, batches = _network(bn), _batches(n_domains=3)
+    network, batches = make_network(featurizer=bn), make_batches(n_domains=3)
     mldg = MLDG(2, 3, 3, n_meta_test=1)
-    module = ManualModule(network, mldg.configure_optimizers(network, _sgd(0.1)))
+    module = manual_module(network, mldg.configure_optimizers(network, _sgd(0.1)))
     mldg.manual_step(module, batches)
     # Two pairs, each a forward on the meta-train then on the meta-test minibatch.
     assert int(bn.num_batches_tracked) == 4
@@ -117,16 +80,18 @@ def test_mldg_needs_a_meta_train_domain():
     assert MLDG(2, 3, 3, n_meta_test=2).n_meta_test == 2
 
 
-def test_mldg_refuses_a_single_training_domain_unless_allowed_then_steps_as_erm():
+def test_mldg_refuses_a_single_training_domain_unless_allowed_then_steps_as_erm(
+    make_network, make_batches, manual_module, linear_gradient
+):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         MLDG(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         mldg = MLDG(2, 1, 3, allow_degenerate=True)
-    network, batches = _network(), _batches(n_domains=1)
-    module = ManualModule(network, mldg.configure_optimizers(network, _sgd(0.5)))
+    network, batches = make_network(), make_batches(n_domains=1)
+    module = manual_module(network, mldg.configure_optimizers(network, _sgd(0.5)))
     w, b = network.head.weight.detach().clone(), network.head.bias.detach().clone()
     mldg.manual_step(module, batches)
-    gw, gb = _linear_gradient(w, b, batches[0].x, batches[0].y)
+    gw, gb = linear_gradient(w, b, batches[0].x, batches[0].y)
     assert torch.allclose(network.head.weight, w - 0.5 * gw, atol=1e-6)
     assert torch.allclose(network.head.bias, b - 0.5 * gb, atol=1e-6)
 
@@ -150,7 +115,7 @@ def test_mldg_trains_with_each_optimizer(train_algorithm, saved_state, optimizer
     assert int(bn.num_batches_tracked) > 0, "the network's batch-norm statistics follow the copies'"
 
 
-def test_mldg_refuses_optimizers_that_differentiate_the_gradient():
+def test_mldg_refuses_optimizers_that_differentiate_the_gradient(make_network):
     adahessian = functools.partial(pytorch_optimizer.AdaHessian, lr=0.1)
     with pytest.raises(UserInputError, match="AdaHessian has no Hessian"):
-        MLDG(2, 3, 3).configure_optimizers(_network(), adahessian)
+        MLDG(2, 3, 3).configure_optimizers(make_network(), adahessian)

@@ -6,24 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms.base import DomainBatch
 from genie_dg.algorithms.mmd import KERNEL_GAMMAS, MMD, gaussian_mmd
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
 
 
 def _kernel_mean(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,8 +36,8 @@ def _batches(num_domains: int) -> list[DomainBatch]:
     return [DomainBatch(torch.randn(6, 3) * (d + 1) + d, y, d) for d in range(num_domains)]
 
 
-def test_mmd_adds_gamma_times_the_mean_over_all_domain_pairs():
-    net, batches = _network(), _batches(3)
+def test_mmd_adds_gamma_times_the_mean_over_all_domain_pairs(make_network):
+    net, batches = make_network(), _batches(3)
     out = MMD(2, 3, 3, mmd_gamma=0.5).training_loss(net, batches)
     penalty = torch.stack([gaussian_mmd(a.x, b.x) for a, b in itertools.combinations(batches, 2)]).mean()
     ce = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches]).mean()
@@ -61,12 +47,12 @@ def test_mmd_adds_gamma_times_the_mean_over_all_domain_pairs():
     assert net.head.weight.grad.abs().sum() > 0
 
 
-def test_mmd_refuses_a_single_training_domain_unless_allowed():
+def test_mmd_refuses_a_single_training_domain_unless_allowed(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         MMD(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         mmd = MMD(2, 1, 3, allow_degenerate=True)
-    net, [batch] = _network(), _batches(1)
+    net, [batch] = make_network(), _batches(1)
     out = mmd.training_loss(net, [batch])
     assert out.metrics["mmd_penalty"].item() == 0.0
     assert torch.allclose(out.loss, F.cross_entropy(net(batch.x), batch.y))

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.mtl import MTL, MarginalTransferHead
@@ -12,30 +13,29 @@ from genie_dg.models import Classifier
 from genie_dg.pipeline import instantiate_or_explain
 
 
-class Identity(nn.Module):
-    num_features = 2
+@pytest.fixture
+def mtl_and_network(make_network) -> Callable[..., tuple[MTL, Classifier]]:
+    """``mtl_and_network(mtl_ema, num_domains=2)``: MTL set up on a network of two identity features."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def make(mtl_ema: float, num_domains: int = 2) -> tuple[MTL, Classifier]:
+        mtl = MTL(num_classes=2, num_domains=num_domains, num_features=2, mtl_ema=mtl_ema)
+        network = make_network(num_features=2)
+        mtl.setup_network(network)
+        with torch.no_grad():
+            # Class 0 reads the first feature, class 1 the first embedding coordinate.
+            network.head.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+            network.head.linear.bias.zero_()
+        return mtl, network
 
-
-def _mtl_and_network(mtl_ema: float, num_domains: int = 2) -> tuple[MTL, Classifier]:
-    mtl = MTL(num_classes=2, num_domains=num_domains, num_features=2, mtl_ema=mtl_ema)
-    network = Classifier(Identity(), num_classes=2)
-    mtl.setup_network(network)
-    with torch.no_grad():
-        # Class 0 reads the first feature, class 1 the first embedding coordinate.
-        network.head.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
-        network.head.linear.bias.zero_()
-    return mtl, network
+    return make
 
 
 DOMAIN_A = DomainBatch(torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([0, 1]), 0)  # mean [2, 1]
 DOMAIN_B = DomainBatch(torch.tensor([[0.0, 4.0], [-2.0, 0.0]]), torch.tensor([1, 1]), 3)  # mean [-1, 2]
 
 
-def test_setup_replaces_the_head_and_evaluation_embeds_the_batch_by_its_mean():
-    mtl, network = _mtl_and_network(0.99)
+def test_setup_replaces_the_head_and_evaluation_embeds_the_batch_by_its_mean(mtl_and_network):
+    mtl, network = mtl_and_network(0.99)
     assert isinstance(network.head, MarginalTransferHead)
     assert network.head.linear.in_features == 4
     # Logits [x0, mean(x0)] for the batch with first features 1 and 3 (mean 2).
@@ -44,8 +44,8 @@ def test_setup_replaces_the_head_and_evaluation_embeds_the_batch_by_its_mean():
     assert torch.allclose(network(DOMAIN_A.x), expected)
 
 
-def test_loss_sums_domain_cross_entropies_with_blended_embeddings():
-    mtl, network = _mtl_and_network(0.5)
+def test_loss_sums_domain_cross_entropies_with_blended_embeddings(mtl_and_network):
+    mtl, network = mtl_and_network(0.5)
     out = mtl.training_loss(network, [DOMAIN_A, DOMAIN_B])
     # Stored embeddings start at zero: embedding = 0.5 * batch mean.
     assert torch.allclose(mtl.embeddings, torch.tensor([[1.0, 0.5], [-0.5, 1.0]]))
@@ -55,8 +55,8 @@ def test_loss_sums_domain_cross_entropies_with_blended_embeddings():
     assert torch.allclose(out.loss, expected)
 
 
-def test_embeddings_update_once_per_step_and_carry_the_previous_step():
-    mtl, network = _mtl_and_network(0.5)
+def test_embeddings_update_once_per_step_and_carry_the_previous_step(mtl_and_network):
+    mtl, network = mtl_and_network(0.5)
     first = mtl.training_loss(network, [DOMAIN_A, DOMAIN_B]).loss
     after_first = mtl.embeddings.clone()
     # A closure-based optimizer re-evaluating the same step sees the same function.
@@ -69,8 +69,8 @@ def test_embeddings_update_once_per_step_and_carry_the_previous_step():
     assert torch.allclose(mtl.embeddings, torch.tensor([[1.5, 0.75], [-0.75, 1.5]]))
 
 
-def test_ema_one_uses_the_batch_mean_and_gradients_flow_through_it():
-    mtl, network = _mtl_and_network(1.0)
+def test_ema_one_uses_the_batch_mean_and_gradients_flow_through_it(mtl_and_network):
+    mtl, network = mtl_and_network(1.0)
     x = DOMAIN_A.x.clone().requires_grad_()
     mtl.training_loss(network, [DomainBatch(x, DOMAIN_A.y, 0), DOMAIN_B]).loss.backward()
     assert torch.allclose(mtl.embeddings, torch.tensor([[2.0, 1.0], [-1.0, 2.0]]))
@@ -81,8 +81,8 @@ def test_ema_one_uses_the_batch_mean_and_gradients_flow_through_it():
     assert torch.allclose(x.grad[:, 0], expected)
 
 
-def test_single_training_domain_is_enough():
-    mtl, network = _mtl_and_network(0.99, num_domains=1)
+def test_single_training_domain_is_enough(mtl_and_network):
+    mtl, network = mtl_and_network(0.99, num_domains=1)
     assert mtl.penalty_active
     assert torch.isfinite(mtl.training_loss(network, [DOMAIN_A]).loss)
 

@@ -13,16 +13,9 @@ from genie_dg.models import Classifier
 from genie_dg.pipeline import instantiate_or_explain
 
 
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    """A head whose true-class gradient is W[y]: class 0 -> [0, 1, 2], class 1 -> [2, 0, 1]."""
-    network = Classifier(Identity(), num_classes=2)
+def _with_known_head(network: Classifier) -> Classifier:
+    """``network`` with a head whose true-class gradient is W[y]: class 0 -> [0, 1, 2], class 1 ->
+    [2, 0, 1]."""
     with torch.no_grad():
         network.head.weight.copy_(torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0]]))
         network.head.bias.zero_()
@@ -36,26 +29,27 @@ FEATURES = torch.tensor([[0.0, 0.0, 3.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.5], [4.0
 LABELS = torch.tensor([0, 1, 0, 1])
 
 
-def _true_class_drop(index: int) -> float:
-    logits = _network().head(FEATURES[index : index + 1])
-    muted = _network().head(FEATURES[index : index + 1] * FEATURE_MASK[index])
+def _true_class_drop(head: nn.Module, index: int) -> float:
+    logits = head(FEATURES[index : index + 1])
+    muted = head(FEATURES[index : index + 1] * FEATURE_MASK[index])
     label = LABELS[index]
     return (F.softmax(logits, 1)[0, label] - F.softmax(muted, 1)[0, label]).item()
 
 
-def test_mask_mutes_largest_gradient_features_of_the_most_affected_samples():
+def test_mask_mutes_largest_gradient_features_of_the_most_affected_samples(make_network):
     # Each sample's only active feature is the muted one, so muting drops its true-class
     # probability to 1/2 from sigmoid(margin): margins 3, 2, 0.5, 8 -> samples 0 and 3 drop most.
-    drops = [_true_class_drop(i) for i in range(4)]
+    head = _with_known_head(make_network()).head
+    drops = [_true_class_drop(head, i) for i in range(4)]
     assert sorted(range(4), key=drops.__getitem__)[2:] == [0, 3]
-    keep = rsc_keep_mask(_network().head, FEATURES, LABELS, feature_drop_factor=1 / 3, batch_drop_factor=0.5)
+    keep = rsc_keep_mask(head, FEATURES, LABELS, feature_drop_factor=1 / 3, batch_drop_factor=0.5)
     # The median drop splits the batch: samples 1 and 2 keep all features.
     expected = torch.stack([FEATURE_MASK[0], torch.ones(3), torch.ones(3), FEATURE_MASK[3]])
     assert torch.equal(keep, expected)
 
 
-def test_batch_drop_factor_one_mutes_every_sample_and_zero_mutes_only_the_largest_drop():
-    head = _network().head
+def test_batch_drop_factor_one_mutes_every_sample_and_zero_mutes_only_the_largest_drop(make_network):
+    head = _with_known_head(make_network()).head
     every = rsc_keep_mask(head, FEATURES, LABELS, feature_drop_factor=1 / 3, batch_drop_factor=1.0)
     # The 0-quantile is the smallest drop; no drop lies strictly below it, so all are muted.
     assert torch.equal(every, FEATURE_MASK)
@@ -87,8 +81,8 @@ def test_mask_matches_numpy_percentiles_on_random_data():
     assert 0 < (~expected).sum() < expected.size
 
 
-def test_loss_is_cross_entropy_of_the_muted_features():
-    network = _network()
+def test_loss_is_cross_entropy_of_the_muted_features(make_network):
+    network = _with_known_head(make_network())
     batches = [DomainBatch(FEATURES[:2], LABELS[:2], 0), DomainBatch(FEATURES[2:], LABELS[2:], 1)]
     out = RSC(2, 2, 3, rsc_f_drop_factor=1 / 3, rsc_b_drop_factor=0.5).training_loss(network, batches)
     keep = torch.stack([FEATURE_MASK[0], torch.ones(3), torch.ones(3), FEATURE_MASK[3]])
@@ -97,15 +91,15 @@ def test_loss_is_cross_entropy_of_the_muted_features():
     assert out.metrics["muted_fraction"].item() == pytest.approx(2 / 12)
     out.loss.backward()
     # The mask carries no gradient: the head's gradient is that of the fixed-mask loss.
-    reference = _network()
+    reference = _with_known_head(make_network())
     F.cross_entropy(reference.head(FEATURES * keep), LABELS).backward()
     assert torch.allclose(network.head.weight.grad, reference.head.weight.grad)
 
 
-def test_single_training_domain_is_enough():
+def test_single_training_domain_is_enough(make_network):
     rsc = RSC(2, 1, 3)
     assert rsc.penalty_active
-    out = rsc.training_loss(_network(), [DomainBatch(FEATURES, LABELS, 0)])
+    out = rsc.training_loss(_with_known_head(make_network()), [DomainBatch(FEATURES, LABELS, 0)])
     assert torch.isfinite(out.loss)
 
 

@@ -3,24 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genie_dg.algorithms.base import DomainBatch
 from genie_dg.algorithms.vrex import VREx, risk_variance
 from genie_dg.errors import UserInputError
-from genie_dg.models import Classifier
-
-
-class Identity(nn.Module):
-    num_features = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _network() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(Identity(), num_classes=2)
 
 
 def _batches(num_domains: int = 3, same: bool = False) -> list[DomainBatch]:
@@ -34,13 +20,13 @@ def test_risk_variance_matches_hand_computation():
     assert risk_variance(torch.tensor([1.0, 2.0, 6.0])).item() == pytest.approx(14 / 3)
 
 
-def test_vrex_penalty_of_equal_domain_losses_is_zero():
-    out = VREx(2, 3, 3).training_loss(_network(), _batches(same=True))
+def test_vrex_penalty_of_equal_domain_losses_is_zero(make_network):
+    out = VREx(2, 3, 3).training_loss(make_network(), _batches(same=True))
     assert out.metrics["vrex_penalty"].item() == 0.0
 
 
-def test_vrex_loss_is_mean_risk_plus_weighted_variance_and_anneals_at_the_configured_step():
-    net, batches = _network(), _batches()
+def test_vrex_loss_is_mean_risk_plus_weighted_variance_and_anneals_at_the_configured_step(make_network):
+    net, batches = make_network(), _batches()
     vrex = VREx(2, 3, 3, vrex_lambda=10.0, vrex_penalty_anneal_iters=3, reset_optimizer_on_anneal=True)
     risks = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches])
     variance = ((risks - risks.mean()) ** 2).mean()
@@ -53,12 +39,12 @@ def test_vrex_loss_is_mean_risk_plus_weighted_variance_and_anneals_at_the_config
         assert out.reset_optimizer == (step == 3), step
 
 
-def test_vrex_refuses_a_single_training_domain_unless_allowed():
+def test_vrex_refuses_a_single_training_domain_unless_allowed(make_network):
     with pytest.raises(UserInputError, match="at least 2 training domains.*allow_degenerate"):
         VREx(2, 1, 3)
     with pytest.warns(UserWarning, match="penalty is inactive"):
         vrex = VREx(2, 1, 3, allow_degenerate=True)
-    net, [batch] = _network(), _batches(1)
+    net, [batch] = make_network(), _batches(1)
     out = vrex.training_loss(net, [batch])
     assert torch.allclose(out.loss, F.cross_entropy(net(batch.x), batch.y))
 

@@ -1,13 +1,16 @@
-"""The seam between the LightningModule and a DG method."""
+"""The seam between the LightningModule and a DG method, and the bases that families of methods
+share (:class:`FeatureMatching` for CORAL and MMD, :class:`AnnealedPenalty` for IRM, VREx and Fishr)."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genie_dg.errors import UserInputError
@@ -32,7 +35,8 @@ class AlgorithmOutput:
     """The loss of the step and named scalars to log under ``train/``.
 
     ``reset_optimizer`` asks the module to clear the optimizers' state before this step's
-    update (DomainBed does so when IRM's or VREx's penalty weight jumps at the annealing step).
+    update (DomainBed does so when the penalty weight of IRM, VREx or Fishr jumps at the
+    annealing step, see :class:`AnnealedPenalty`).
     """
 
     loss: torch.Tensor
@@ -128,3 +132,120 @@ def hparam(value: Any, name: str, check: Callable[[Any], bool], expected: str, o
     if not check(value):
         raise UserInputError(f"{owner}: invalid algorithm.{name}={value!r}; expected {expected}")
     return value
+
+
+class FeatureMatching(DGAlgorithm):
+    """Mean per-domain cross-entropy plus ``mmd_gamma`` times :meth:`distance` between two
+    domains' features, averaged over all pairs of training domains (DomainBed's ``AbstractMMD``,
+    the base of its CORAL and MMD).
+
+    Each domain's features come from its own forward pass, as in DomainBed, so batch
+    normalisation sees one domain at a time. A subclass provides :meth:`distance` and
+    ``penalty_name``, the metric the mean distance is logged under. With a single domain
+    (``allow_degenerate=true``) there is no pair and the penalty is 0, which is ERM.
+    """
+
+    min_domains = 2
+    penalty_name: ClassVar[str]
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_domains: int,
+        num_features: int,
+        mmd_gamma: float = 1.0,
+        **base: Any,
+    ) -> None:
+        super().__init__(num_classes, num_domains, num_features, **base)
+        owner = type(self).__name__
+        self.mmd_gamma = hparam(mmd_gamma, "mmd_gamma", lambda v: v >= 0, "mmd_gamma >= 0", owner)
+
+    @staticmethod
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The distance between two domains' features (``(n_a, D)`` and ``(n_b, D)``)."""
+        raise NotImplementedError("a FeatureMatching method must define distance")
+
+    def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
+        features = [network.features(b.x) for b in batches]
+        classification = torch.stack(
+            [F.cross_entropy(network.head(f), b.y) for f, b in zip(features, batches)]
+        ).mean()
+        pairs = list(itertools.combinations(features, 2))
+        penalty = (
+            torch.stack([self.distance(a, b) for a, b in pairs]).mean()
+            if pairs
+            else classification.new_zeros(())
+        )
+        return AlgorithmOutput(
+            classification + self.mmd_gamma * penalty,
+            {"classification_loss": classification.detach(), self.penalty_name: penalty.detach()},
+        )
+
+
+class AnnealedPenalty(DGAlgorithm):
+    """Base of the methods whose penalty weight switches once, at an annealing step, as
+    DomainBed's IRM, VREx and Fishr.
+
+    :meth:`penalty_schedule` gives the weight: ``weight_before_anneal`` for the first
+    ``<prefix>_penalty_anneal_iters`` training steps and ``<prefix>_lambda`` from then on (each
+    method names these two hyper-parameters after itself; :meth:`schedule_hparams` checks them).
+    DomainBed also rebuilds its Adam optimizer at the switching step, because the jump in
+    gradient magnitude upsets Adam's moment estimates; ``reset_optimizer_on_anneal=True`` does
+    the same here by asking the module to clear the optimizer's state at that step (off by
+    default, so the configured optimizer, e.g. GENIE, keeps its state unless asked): once, even
+    when a closure-based optimizer evaluates the loss twice in that step, and not at step 0
+    unless ``reset_at_step_zero``.
+    """
+
+    min_domains = 2
+    weight_before_anneal: ClassVar[float] = 1.0
+    reset_at_step_zero: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_domains: int,
+        num_features: int,
+        reset_optimizer_on_anneal: bool = False,
+        **base: Any,
+    ) -> None:
+        super().__init__(num_classes, num_domains, num_features, **base)
+        self.reset_optimizer_on_anneal = hparam(
+            reset_optimizer_on_anneal,
+            "reset_optimizer_on_anneal",
+            lambda v: isinstance(v, bool),
+            "true or false",
+            type(self).__name__,
+        )
+        # A closure-based optimizer evaluates the loss twice in a step; reset only on the first.
+        self._reset_at_step: int | None = None
+
+    def schedule_hparams(self, prefix: str, penalty_lambda: float, anneal_iters: int) -> tuple[float, int]:
+        """``penalty_lambda`` and ``anneal_iters``, checked as ``algorithm.<prefix>_lambda`` (at
+        least 0) and ``algorithm.<prefix>_penalty_anneal_iters`` (an integer, at least 0)."""
+        owner = type(self).__name__
+        return (
+            hparam(penalty_lambda, f"{prefix}_lambda", lambda v: v >= 0, f"{prefix}_lambda >= 0", owner),
+            hparam(
+                anneal_iters,
+                f"{prefix}_penalty_anneal_iters",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "an integer >= 0",
+                owner,
+            ),
+        )
+
+    def penalty_schedule(self, penalty_lambda: float, anneal_iters: int) -> tuple[float, bool]:
+        """This step's penalty weight, and whether the optimizer's state is to be cleared before
+        its update (true once, at step ``anneal_iters``, when ``reset_optimizer_on_anneal``)."""
+        step = int(self.update_count)
+        weight = penalty_lambda if step >= anneal_iters else self.weight_before_anneal
+        reset = (
+            self.reset_optimizer_on_anneal
+            and step == anneal_iters
+            and (step != 0 or self.reset_at_step_zero)
+            and self._reset_at_step != step
+        )
+        if reset:
+            self._reset_at_step = step
+        return weight, reset

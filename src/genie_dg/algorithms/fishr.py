@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch, hparam
 
 
 def head_gradients(features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def variance_distance(variances: torch.Tensor) -> torch.Tensor:
     return (variances - variances.mean(0, keepdim=True)).pow(2).mean()
 
 
-class Fishr(DGAlgorithm):
+class Fishr(AnnealedPenalty):
     """Pooled cross-entropy plus ``fishr_lambda`` times the spread across domains of the
     classifier head's per-sample gradient variances.
 
@@ -49,7 +49,8 @@ class Fishr(DGAlgorithm):
     from zero, divided by ``1 - fishr_ema`` so the gradient scale does not depend on it); the
     penalty weight is 0 for the first ``fishr_penalty_anneal_iters`` steps and ``fishr_lambda``
     from then on. DomainBed also rebuilds its Adam optimizer at the switching step (unless it is
-    step 0); ``reset_optimizer_on_anneal=True`` clears the optimizer's state there instead.
+    step 0); ``reset_optimizer_on_anneal=True`` clears the optimizer's state there instead (see
+    :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
 
     Deviations: the per-sample head gradients are computed in closed form instead of with
     BackPACK (same values); DomainBed's hyper-parameters ``lambda``, ``penalty_anneal_iters``
@@ -61,7 +62,8 @@ class Fishr(DGAlgorithm):
     domain (``allow_degenerate=true``) the penalty is 0, which is ERM.
     """
 
-    min_domains = 2
+    weight_before_anneal = 0.0
+    reset_at_step_zero = False
 
     def __init__(
         self,
@@ -74,31 +76,16 @@ class Fishr(DGAlgorithm):
         reset_optimizer_on_anneal: bool = False,
         **base: Any,
     ) -> None:
-        super().__init__(num_classes, num_domains, num_features, **base)
-        self.fishr_lambda = hparam(
-            fishr_lambda, "fishr_lambda", lambda v: v >= 0, "fishr_lambda >= 0", "Fishr"
-        )
-        self.fishr_penalty_anneal_iters = hparam(
-            fishr_penalty_anneal_iters,
-            "fishr_penalty_anneal_iters",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-            "an integer >= 0",
-            "Fishr",
+        super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)
+        self.fishr_lambda, self.fishr_penalty_anneal_iters = self.schedule_hparams(
+            "fishr", fishr_lambda, fishr_penalty_anneal_iters
         )
         self.fishr_ema = hparam(fishr_ema, "fishr_ema", lambda v: 0 <= v < 1, "0 <= fishr_ema < 1", "Fishr")
-        self.reset_optimizer_on_anneal = hparam(
-            reset_optimizer_on_anneal,
-            "reset_optimizer_on_anneal",
-            lambda v: isinstance(v, bool),
-            "true or false",
-            "Fishr",
-        )
         head_size = num_classes * num_features + num_classes
         self.register_buffer("variance_ema", torch.zeros(num_domains, head_size))
         # The averages before this step's update, reused when the loss is evaluated again.
         self._ema_step: int | None = None
         self._ema_before_step: torch.Tensor | None = None
-        self._reset_at_step: int | None = None
 
     def _smoothed_variances(self, variances: torch.Tensor) -> torch.Tensor:
         step = int(self.update_count)
@@ -115,8 +102,7 @@ class Fishr(DGAlgorithm):
                 f"Fishr keeps one moving average per training domain ({self.num_domains}) "
                 f"but got {len(batches)} minibatches"
             )
-        step = int(self.update_count)
-        weight = self.fishr_lambda if step >= self.fishr_penalty_anneal_iters else 0.0
+        weight, reset = self.penalty_schedule(self.fishr_lambda, self.fishr_penalty_anneal_iters)
         y = torch.cat([b.y for b in batches])
         features = network.features(torch.cat([b.x for b in batches]))
         logits = network.head(features)
@@ -126,13 +112,6 @@ class Fishr(DGAlgorithm):
             gradients = head_gradients(features, logits, y).split([len(b.y) for b in batches])
             variances = torch.stack([gradient_variance(g) for g in gradients])
             penalty = variance_distance(self._smoothed_variances(variances))
-        reset = (
-            self.reset_optimizer_on_anneal
-            and step == self.fishr_penalty_anneal_iters != 0
-            and self._reset_at_step != step
-        )
-        if reset:
-            self._reset_at_step = step
         return AlgorithmOutput(
             classification + weight * penalty,
             {

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch
 from genie_dg.errors import UserInputError
 
 
@@ -31,19 +31,16 @@ def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return scale_gradient(logits[::2], y[::2]) * scale_gradient(logits[1::2], y[1::2])
 
 
-class IRM(DGAlgorithm):
+class IRM(AnnealedPenalty):
     """Mean per-domain cross-entropy plus a weight times the mean IRMv1 penalty.
 
     As DomainBed's ``IRM``: one forward pass over all domains' samples; the penalty weight is
-    1 for the first ``irm_penalty_anneal_iters`` steps and ``irm_lambda`` from then on.
-    DomainBed also rebuilds its Adam optimizer at the switching step, because the jump in
-    gradient magnitude upsets Adam's moment estimates; ``reset_optimizer_on_anneal=True`` does
-    the same here by clearing the optimizer's state at that step (off by default, so the
-    configured optimizer, e.g. GENIE, keeps its state unless asked). With a single training
-    domain (``allow_degenerate=true``) the penalty weight is 0, which is ERM.
+    1 for the first ``irm_penalty_anneal_iters`` steps and ``irm_lambda`` from then on, and
+    ``reset_optimizer_on_anneal=True`` clears the optimizer's state at the switching step as
+    DomainBed rebuilds its Adam there (see :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
+    With a single training domain (``allow_degenerate=true``) the penalty weight is 0, which is
+    ERM.
     """
-
-    min_domains = 2
 
     def __init__(
         self,
@@ -55,24 +52,10 @@ class IRM(DGAlgorithm):
         reset_optimizer_on_anneal: bool = False,
         **base: Any,
     ) -> None:
-        super().__init__(num_classes, num_domains, num_features, **base)
-        self.irm_lambda = hparam(irm_lambda, "irm_lambda", lambda v: v >= 0, "irm_lambda >= 0", "IRM")
-        self.irm_penalty_anneal_iters = hparam(
-            irm_penalty_anneal_iters,
-            "irm_penalty_anneal_iters",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-            "an integer >= 0",
-            "IRM",
+        super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)
+        self.irm_lambda, self.irm_penalty_anneal_iters = self.schedule_hparams(
+            "irm", irm_lambda, irm_penalty_anneal_iters
         )
-        self.reset_optimizer_on_anneal = hparam(
-            reset_optimizer_on_anneal,
-            "reset_optimizer_on_anneal",
-            lambda v: isinstance(v, bool),
-            "true or false",
-            "IRM",
-        )
-        # A closure-based optimizer evaluates the loss twice in a step; reset only on the first.
-        self._reset_at_step: int | None = None
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         if min(len(b.y) for b in batches) < 2:
@@ -83,18 +66,10 @@ class IRM(DGAlgorithm):
         logits = network(torch.cat([b.x for b in batches])).split([len(b.y) for b in batches])
         classification = torch.stack([F.cross_entropy(z, b.y) for z, b in zip(logits, batches)]).mean()
         penalty = torch.stack([irm_penalty(z, b.y) for z, b in zip(logits, batches)]).mean()
-        step = int(self.update_count)
-        weight = self.irm_lambda if step >= self.irm_penalty_anneal_iters else 1.0
+        weight, reset = self.penalty_schedule(self.irm_lambda, self.irm_penalty_anneal_iters)
         if not self.penalty_active:
             # With one domain the penalty would only tune the classifier's scale on it.
             weight = 0.0
-        reset = (
-            self.reset_optimizer_on_anneal
-            and step == self.irm_penalty_anneal_iters
-            and self._reset_at_step != step
-        )
-        if reset:
-            self._reset_at_step = step
         return AlgorithmOutput(
             classification + weight * penalty,
             {

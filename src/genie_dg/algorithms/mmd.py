@@ -3,14 +3,9 @@ defines it: a Gaussian-kernel MMD between every pair of training domains' featur
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import FeatureMatching
 
 # DomainBed's kernel: a sum of RBF kernels exp(-gamma * ||a - b||^2) over these gammas, so no
 # single bandwidth has to suit the feature scale.
@@ -43,40 +38,15 @@ def gaussian_mmd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return gaussian_kernel(a, a).mean() + gaussian_kernel(b, b).mean() - 2 * gaussian_kernel(a, b).mean()
 
 
-class MMD(DGAlgorithm):
+class MMD(FeatureMatching):
     """Cross-entropy plus ``mmd_gamma`` times the Gaussian-kernel MMD averaged over domain pairs.
 
-    Follows DomainBed's ``MMD`` (``AbstractMMD`` with ``gaussian=True``): the classification
-    loss is the mean of the per-domain cross-entropies, the kernel sums the RBF kernels of
-    ``KERNEL_GAMMAS``, and each domain's features come from its own forward pass, so batch
-    normalisation sees one domain at a time.
+    Follows DomainBed's ``MMD`` (``AbstractMMD`` with ``gaussian=True``, here
+    :class:`~genie_dg.algorithms.base.FeatureMatching`): the classification loss is the mean of
+    the per-domain cross-entropies, the kernel sums the RBF kernels of ``KERNEL_GAMMAS``, and
+    each domain's features come from its own forward pass, so batch normalisation sees one
+    domain at a time.
     """
 
-    min_domains = 2
-
-    def __init__(
-        self,
-        num_classes: int,
-        num_domains: int,
-        num_features: int,
-        mmd_gamma: float = 1.0,
-        **base: Any,
-    ) -> None:
-        super().__init__(num_classes, num_domains, num_features, **base)
-        self.mmd_gamma = hparam(mmd_gamma, "mmd_gamma", lambda v: v >= 0, "mmd_gamma >= 0", "MMD")
-
-    def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
-        features = [network.features(b.x) for b in batches]
-        classification = torch.stack(
-            [F.cross_entropy(network.head(f), b.y) for f, b in zip(features, batches)]
-        ).mean()
-        pairs = list(itertools.combinations(features, 2))
-        penalty = (
-            torch.stack([gaussian_mmd(a, b) for a, b in pairs]).mean()
-            if pairs
-            else classification.new_zeros(())
-        )
-        return AlgorithmOutput(
-            classification + self.mmd_gamma * penalty,
-            {"classification_loss": classification.detach(), "mmd_penalty": penalty.detach()},
-        )
+    penalty_name = "mmd_penalty"
+    distance = staticmethod(gaussian_mmd)

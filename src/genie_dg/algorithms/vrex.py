@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch
 
 
 def risk_variance(risks: torch.Tensor) -> torch.Tensor:
@@ -17,17 +17,15 @@ def risk_variance(risks: torch.Tensor) -> torch.Tensor:
     return (risks - risks.mean()).pow(2).mean()
 
 
-class VREx(DGAlgorithm):
+class VREx(AnnealedPenalty):
     """Mean per-domain cross-entropy plus a weight times the variance of those risks.
 
     As DomainBed's ``VREx``: one forward pass over all domains' samples; the penalty weight is
     1 for the first ``vrex_penalty_anneal_iters`` steps and ``vrex_lambda`` from then on.
     DomainBed also rebuilds its Adam optimizer at the switching step (as for IRM);
     ``reset_optimizer_on_anneal=True`` does the same here by clearing the optimizer's state at
-    that step (off by default, so the configured optimizer keeps its state unless asked).
+    that step (off by default; see :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
     """
-
-    min_domains = 2
 
     def __init__(
         self,
@@ -39,38 +37,16 @@ class VREx(DGAlgorithm):
         reset_optimizer_on_anneal: bool = False,
         **base: Any,
     ) -> None:
-        super().__init__(num_classes, num_domains, num_features, **base)
-        self.vrex_lambda = hparam(vrex_lambda, "vrex_lambda", lambda v: v >= 0, "vrex_lambda >= 0", "VREx")
-        self.vrex_penalty_anneal_iters = hparam(
-            vrex_penalty_anneal_iters,
-            "vrex_penalty_anneal_iters",
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-            "an integer >= 0",
-            "VREx",
+        super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)
+        self.vrex_lambda, self.vrex_penalty_anneal_iters = self.schedule_hparams(
+            "vrex", vrex_lambda, vrex_penalty_anneal_iters
         )
-        self.reset_optimizer_on_anneal = hparam(
-            reset_optimizer_on_anneal,
-            "reset_optimizer_on_anneal",
-            lambda v: isinstance(v, bool),
-            "true or false",
-            "VREx",
-        )
-        # A closure-based optimizer evaluates the loss twice in a step; reset only on the first.
-        self._reset_at_step: int | None = None
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         logits = network(torch.cat([b.x for b in batches])).split([len(b.y) for b in batches])
         risks = torch.stack([F.cross_entropy(z, b.y) for z, b in zip(logits, batches)])
         mean_risk, penalty = risks.mean(), risk_variance(risks)
-        step = int(self.update_count)
-        weight = self.vrex_lambda if step >= self.vrex_penalty_anneal_iters else 1.0
-        reset = (
-            self.reset_optimizer_on_anneal
-            and step == self.vrex_penalty_anneal_iters
-            and self._reset_at_step != step
-        )
-        if reset:
-            self._reset_at_step = step
+        weight, reset = self.penalty_schedule(self.vrex_lambda, self.vrex_penalty_anneal_iters)
         return AlgorithmOutput(
             mean_risk + weight * penalty,
             {

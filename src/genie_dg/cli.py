@@ -33,12 +33,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "count a dataset's images per domain and class against its config; exit 1 on a mismatch",
         "genie_dg.data.verify",
     ),
+    "collect": Subcommand(
+        "print DomainBed-style result tables of a sweep for each model selection method",
+        "genie_dg.results.collect",
+    ),
 }
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported (each pulls in different libraries)."""
-    parser = argparse.ArgumentParser(prog="genie-dg", description="Data tools of genie-dg.")
+    parser = argparse.ArgumentParser(prog="genie-dg", description="Data and results tools of genie-dg.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=command.help, description=command.help)

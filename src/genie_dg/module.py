@@ -54,6 +54,8 @@ class DGModule(LightningModule):
     ones. Logged per stage (``val`` during training, ``test`` at the end): ``<stage>/<domain>/acc``,
     ``<stage>/source_acc`` (mean over the training domains' held-out slices: DomainBed's
     training-domain validation, the model-selection metric) and ``<stage>/target_acc``.
+    ``target_validation`` names the loaders that are held-out parts of target domains
+    (DomainBed's test-domain validation, for oracle selection): logged, but in neither mean.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class DGModule(LightningModule):
         eval_domains: Sequence[str],
         target_domains: Sequence[str],
         input_shape: Sequence[int] | None = None,
+        target_validation: Sequence[str] = (),
     ) -> None:
         super().__init__()
         # Objects in hyper_parameters would break checkpoint loading with weights_only=True.
@@ -83,6 +86,7 @@ class DGModule(LightningModule):
         self.optimizer_factory = optimizer
         self.eval_domains = list(eval_domains)
         self.is_target = [d in set(target_domains) for d in eval_domains]
+        self.in_means = [d not in set(target_validation) for d in eval_domains]
         self.eval_accuracy = nn.ModuleList(
             MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in eval_domains
         )
@@ -152,13 +156,16 @@ class DGModule(LightningModule):
 
     def _log_accuracies(self, stage: str) -> None:
         source, target = [], []
-        for domain, is_target, metric in zip(self.eval_domains, self.is_target, self.eval_accuracy):
+        for domain, is_target, in_means, metric in zip(
+            self.eval_domains, self.is_target, self.in_means, self.eval_accuracy
+        ):
             if not metric.update_called:
                 continue
             accuracy = metric.compute()
             metric.reset()
             self.log(f"{stage}/{domain}/acc", accuracy)
-            (target if is_target else source).append(accuracy)
+            if in_means:
+                (target if is_target else source).append(accuracy)
         if source:
             self.log(f"{stage}/source_acc", torch.stack(source).mean(), prog_bar=True)
         if target:

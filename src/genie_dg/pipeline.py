@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import wandb
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -20,6 +21,9 @@ from rich.table import Table
 from genie_dg.data import MultiDomainDataModule
 from genie_dg.errors import UserInputError
 from genie_dg.module import DGModule
+from genie_dg.results.recorder import ResultsRecorder
+from genie_dg.results.records import RESULTS_FILE, RunIdentity
+from genie_dg.sweep import DONE_MARKER, LAST_CHECKPOINT, sample_hparams, searched_hparams, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -70,38 +74,116 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         optimizer=instantiate_or_explain(cfg.optimizer),
         num_classes=data.num_classes,
         train_domains=[data.domain_names[d] for d in datamodule.train_domains],
-        eval_domains=[s.domain for s in datamodule.eval_sets],
+        eval_domains=[s.name for s in datamodule.eval_sets],
         target_domains=[data.domain_names[d] for d in datamodule.test_domains],
         input_shape=data.input_shape,
+        target_validation=[s.name for s in datamodule.eval_sets if s.is_target_validation],
     )
+    identity = run_identity(cfg, datamodule, model)
     callbacks = [instantiate_or_explain(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks.append(ResultsRecorder(Path(cfg.paths.output_dir) / RESULTS_FILE, identity, datamodule.eval_sets))
+    loggers = [instantiate_logger(c, identity) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
 
 
+def run_identity(cfg: DictConfig, datamodule: MultiDomainDataModule, model: DGModule) -> RunIdentity:
+    """What the run is, for its records and its W&B name (see :class:`RunIdentity`)."""
+    names = datamodule.dataset.domain_names
+    return RunIdentity(
+        dataset=datamodule.dataset.name,
+        protocol=datamodule.protocol,
+        algorithm=type(model.algorithm).__name__,
+        optimizer=str(cfg.optimizer._target_).rsplit(".", 1)[-1],
+        domains=tuple(names),
+        train_domains=tuple(names[d] for d in datamodule.train_domains),
+        test_domains=tuple(names[d] for d in datamodule.test_domains),
+        trial_seed=int(cfg.get("trial_seed", cfg.seed)),
+        hparams_seed=int(cfg.get("hparams_seed", 0)),
+        seed=int(cfg.seed),
+        hparams=searched_hparams(cfg),
+    )
+
+
+def instantiate_logger(node: DictConfig, identity: RunIdentity) -> Any:
+    """A logger from its config. A W&B run without a configured name or group is named after the
+    run and grouped by its sweep, and logs no checkpoint itself: :func:`train` logs the selected
+    one when the config asks for ``log_model``."""
+    if not issubclass(get_class(node._target_), WandbLogger):
+        return instantiate(node)
+    return instantiate(
+        node, name=node.get("name") or identity.name, group=node.get("group") or sweep_group(), log_model=False
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, select the checkpoint by training-domain validation, test it, report and save."""
+    """Train, select the checkpoint by training-domain validation, test it, report and save.
+
+    A run directory that holds the :data:`~genie_dg.sweep.DONE_MARKER` is not run again (its
+    summary is returned); one that holds a last checkpoint but no marker resumes from it.
+    Searched hyper-parameters are first replaced by their draws for ``hparams_seed``.
+    """
     output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / DONE_MARKER).is_file():
+        log.info("%s finished before: skipping it", output_dir)
+        summary = json.loads((output_dir / "summary.json").read_text())
+        print_summary(summary)
+        return summary
     output_dir.mkdir(parents=True, exist_ok=True)
+    sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and (output_dir / LAST_CHECKPOINT).is_file():
+        ckpt_path = str(output_dir / LAST_CHECKPOINT)
+        log.info("resuming the unfinished run from %s", ckpt_path)
     datamodule, model, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                report_to_wandb(logger, summary, wants_model=_wandb_logs_model(cfg))
     finally:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()
-    summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / DONE_MARKER).touch()
     print_summary(summary)
     return summary
+
+
+def _wandb_logs_model(cfg: DictConfig) -> bool:
+    loggers = (cfg.get("logger") or {}).values()
+    return any(
+        c is not None and issubclass(get_class(c._target_), WandbLogger) and c.get("log_model") for c in loggers
+    )
+
+
+def report_to_wandb(logger: WandbLogger, summary: dict[str, Any], wants_model: bool) -> None:
+    """The run's summary accuracies and, if ``wants_model``, its selected checkpoint as an artifact."""
+    run = logger.experiment
+    run.summary.update({"source_acc": summary["source_acc"], "target_acc": summary["target_acc"]})
+    checkpoint = summary["files"].get("checkpoint")
+    if wants_model and checkpoint:
+        artifact = wandb.Artifact(
+            f"model-{run.id}",
+            type="model",
+            metadata={
+                "selection": "training-domain validation",
+                "source_acc": summary["source_acc"],
+                "target_acc": summary["target_acc"],
+            },
+        )
+        # The checkpoint is final: referencing it spares a copy into W&B's staging area.
+        artifact.add_file(checkpoint, name=Path(checkpoint).name, policy="immutable")
+        run.log_artifact(artifact, aliases=["selected"])
 
 
 def summarize(
@@ -114,9 +196,9 @@ def summarize(
 ) -> dict[str, Any]:
     domains = [
         {
-            "domain": s.domain,
-            "role": "target" if s.is_target else "source",
-            "accuracy": metrics.get(f"test/{s.domain}/acc"),
+            "domain": s.name,
+            "role": "target_validation" if s.is_target_validation else "target" if s.is_target else "source",
+            "accuracy": metrics.get(f"test/{s.name}/acc"),
         }
         for s in datamodule.eval_sets
     ]
@@ -135,11 +217,21 @@ def summarize(
         "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
         "steps": trainer.global_step,
         "seed": cfg.seed,
+        "trial_seed": cfg.get("trial_seed", cfg.seed),
+        "hparams_seed": cfg.get("hparams_seed", 0),
+        "hparams": searched_hparams(cfg),
         "source_acc": metrics.get("test/source_acc"),
         "target_acc": metrics.get("test/target_acc"),
         "domains": domains,
         "files": files,
     }
+
+
+ROLE_LABELS = {
+    "source": "source (held-out val)",
+    "target": "target (unseen)",
+    "target_validation": "target (held-out, oracle val)",
+}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -158,7 +250,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         return "-" if value is None else f"{100 * value:.2f}"
 
     for row in summary["domains"]:
-        role = "target (unseen)" if row["role"] == "target" else "source (held-out val)"
+        role = ROLE_LABELS[row["role"]]
         table.add_row(row["domain"], role, pct(row["accuracy"]))
     table.add_section()
     table.add_row("mean", "source (held-out val)", pct(summary["source_acc"]))

@@ -62,10 +62,19 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
 
 @dataclass(frozen=True)
 class EvalSet:
-    """One evaluation loader: a domain and whether it was seen in training."""
+    """One evaluation loader: a domain, whether it was seen in training, and whether it is the
+    held-out part of a target domain (DomainBed's test-domain validation split, read only by
+    oracle model selection) rather than the part whose accuracy is reported."""
 
     domain: str
     is_target: bool
+    is_target_validation: bool = False
+
+    @property
+    def name(self) -> str:
+        """The name its accuracy is logged under: the domain, or ``<domain>/out`` for a target's
+        held-out part."""
+        return f"{self.domain}/out" if self.is_target_validation else self.domain
 
 
 PROTOCOLS = ("lodo", "sdg")
@@ -80,13 +89,16 @@ class MultiDomainDataModule(LightningDataModule):
       is trained on, every other domain is a target;
     - from each training domain a seeded ``holdout_fraction`` is held out (unaugmented) for
       validation and model selection, the rest is trained on; target domains are never
-      trained on and are evaluated whole.
+      trained on and are evaluated whole, or, with ``target_holdout=True``, split the same way
+      (DomainBed's "out" and "in" splits of every environment): the held-out part is evaluated
+      for oracle model selection and the accuracy reported is that of the rest.
 
     Domains are given by index or name.
 
     ``train_dataloader`` yields ``(x, y, domain)`` with ``batch_size`` samples of every training
     domain per step. Validation and test loaders come in :attr:`eval_sets` order: the
-    held-out slice of each training domain, then each target domain.
+    held-out slice of each training domain, then each target domain, then (with
+    ``target_holdout``) the held-out part of each target domain.
     """
 
     def __init__(
@@ -100,6 +112,7 @@ class MultiDomainDataModule(LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         split_seed: int = 0,
+        target_holdout: bool = False,
     ) -> None:
         super().__init__()
         if protocol not in PROTOCOLS:
@@ -134,6 +147,7 @@ class MultiDomainDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.split_seed = split_seed
+        self.target_holdout = target_holdout
         self.data: MultiDomainDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -145,18 +159,27 @@ class MultiDomainDataModule(LightningDataModule):
         self.train_parts: list[DomainSubset] = []
         self.holdout_parts: list[DomainSubset] = []
         for d in train:
-            size = len(data.domains[d])
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.split_seed * 997 + d))
-            n_holdout = max(1, int(size * self.holdout_fraction))
-            if size - n_holdout < 1:
-                raise UserInputError(f"{data.name}: domain '{data.domain_names[d]}' is too small to split")
-            holdout, rest = order[:n_holdout].tolist(), order[n_holdout:].tolist()
+            holdout, rest = self._holdout_split(data, d)
             self.train_parts.append(DomainSubset(data.domains[d], rest, d, data.train_transform))
             self.holdout_parts.append(DomainSubset(data.domains[d], holdout, d, data.eval_transform))
-        self.target_parts = [
-            DomainSubset(data.domains[d], range(len(data.domains[d])), d, data.eval_transform)
-            for d in test
-        ]
+        self.target_parts: list[DomainSubset] = []
+        self.target_holdout_parts: list[DomainSubset] = []
+        for d in test:
+            if self.target_holdout:
+                holdout, rest = self._holdout_split(data, d)
+                self.target_holdout_parts.append(DomainSubset(data.domains[d], holdout, d, data.eval_transform))
+            else:
+                rest = list(range(len(data.domains[d])))
+            self.target_parts.append(DomainSubset(data.domains[d], rest, d, data.eval_transform))
+
+    def _holdout_split(self, data: MultiDomainDataset, d: int) -> tuple[list[int], list[int]]:
+        """(held-out, rest) sample indices of domain ``d``, seeded by the split seed and the domain."""
+        size = len(data.domains[d])
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.split_seed * 997 + d))
+        n_holdout = max(1, int(size * self.holdout_fraction))
+        if size - n_holdout < 1:
+            raise UserInputError(f"{data.name}: domain '{data.domain_names[d]}' is too small to split")
+        return order[:n_holdout].tolist(), order[n_holdout:].tolist()
 
     def _split_domains(self, data: MultiDomainDataset) -> tuple[list[int], list[int]]:
         """(training, target) domain indices under the protocol."""
@@ -191,9 +214,12 @@ class MultiDomainDataModule(LightningDataModule):
     @property
     def eval_sets(self) -> list[EvalSet]:
         names = self.dataset.domain_names
-        return [EvalSet(names[d], False) for d in self.train_domains] + [
-            EvalSet(names[d], True) for d in self.test_domains
-        ]
+        held_out_targets = self.test_domains if self.target_holdout else []
+        return (
+            [EvalSet(names[d], False) for d in self.train_domains]
+            + [EvalSet(names[d], True) for d in self.test_domains]
+            + [EvalSet(names[d], True, is_target_validation=True) for d in held_out_targets]
+        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -215,7 +241,7 @@ class MultiDomainDataModule(LightningDataModule):
     def _eval_loaders(self) -> list[DataLoader]:
         return [
             DataLoader(part, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-            for part in self.holdout_parts + self.target_parts
+            for part in self.holdout_parts + self.target_parts + self.target_holdout_parts
         ]
 
     def val_dataloader(self) -> list[DataLoader]:

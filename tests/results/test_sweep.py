@@ -1,0 +1,142 @@
+"""Random hyper-parameter draws (DomainBed's rule), run keys, and the Optuna search space."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from genie_dg.errors import UserInputError
+from genie_dg.sweep import draw, optuna_space, run_key, sample_hparams, seed_hash
+
+
+def test_hparams_seed_zero_keeps_the_defaults(make_config):
+    cfg = make_config("optimizer=genie", "algorithm=coral", "dataset=pacs")
+    assert sample_hparams(cfg) == {
+        "algorithm.mmd_gamma": 1.0,
+        "optimizer.lr": 0.015,
+        "optimizer.beta": 0.95,
+        "optimizer.p": 0.4,
+        "optimizer.weight_decay": 0.0,
+    }
+    assert cfg.optimizer.lr == 0.015
+
+
+def test_draws_follow_the_search_distributions_and_replace_the_config_values(make_config):
+    for hparams_seed in range(1, 30):
+        cfg = make_config("optimizer=genie", "algorithm=coral", "dataset=pacs", f"hparams_seed={hparams_seed}")
+        drawn = sample_hparams(cfg)
+        assert 1e-3 <= drawn["optimizer.lr"] <= 1e-1 and cfg.optimizer.lr == drawn["optimizer.lr"]
+        assert 0.9 <= drawn["optimizer.beta"] <= 0.999
+        assert 0.1 <= drawn["optimizer.p"] <= 0.8
+        assert 0.1 <= drawn["algorithm.mmd_gamma"] <= 10
+    assert cfg.optimizer.seed == cfg.seed, "interpolations outside the search stay intact"
+
+
+def test_each_distribution():
+    assert draw({"dist": "uniform", "low": 2, "high": 3}, 7, "x") == 2 + np.random.RandomState(7).uniform()
+    values = {draw({"dist": "pow2_uniform", "low": 3, "high": 9, "int": True}, s, "x") for s in range(200)}
+    assert all(isinstance(v, int) and 8 <= v < 512 for v in values) and len(values) > 50
+    logs = [math.log10(draw({"dist": "log10_uniform", "low": -5, "high": -3}, s, "x")) for s in range(200)]
+    assert min(logs) >= -5 and max(logs) <= -3 and min(logs) < -4.8 and max(logs) > -3.2
+    picks = [draw({"dist": "choice", "values": [0.01, "a", 3]}, s, "x") for s in range(50)]
+    assert set(picks) == {0.01, "a", 3} and {type(p) for p in picks} == {float, str, int}
+    with pytest.raises(UserInputError, match=r"x.dist='normal'"):
+        draw({"dist": "normal", "low": 0, "high": 1}, 0, "x")
+
+
+def test_a_draw_depends_only_on_its_seeds_and_name(make_config):
+    """Adding a hyper-parameter to a search, or changing the target domain, leaves the others' draws."""
+    base = make_config("optimizer=adam", "hparams_seed=3", "trial_seed=1")
+    other_target = make_config(
+        "optimizer=adam", "hparams_seed=3", "trial_seed=1", "dataset.test_domains=[rot45]"
+    )
+    extended = make_config("optimizer=adam", "hparams_seed=3", "trial_seed=1")
+    with open_dict(extended):
+        extended.optimizer.extra = 0.5
+        extended.optimizer.search.extra = {"dist": "uniform", "low": 0.0, "high": 1.0}
+    drawn, moved, more = sample_hparams(base), sample_hparams(other_target), sample_hparams(extended)
+    assert drawn == moved
+    assert {k: more[k] for k in drawn} == drawn and "optimizer.extra" in more
+    assert drawn != sample_hparams(make_config("optimizer=adam", "hparams_seed=3", "trial_seed=2"))
+    assert drawn != sample_hparams(make_config("optimizer=adam", "hparams_seed=4", "trial_seed=1"))
+    # DomainBed's seeding: the generator of "optimizer.lr" is seeded by hash(hash(hparams, trial), name).
+    spec = base.optimizer.search.lr
+    assert drawn["optimizer.lr"] == draw(spec, seed_hash(seed_hash(3, 1), "optimizer.lr"), "")
+
+
+def test_a_searched_name_without_a_default_is_refused(make_config):
+    cfg = make_config("optimizer=adam", "hparams_seed=1")
+    with open_dict(cfg):
+        cfg.optimizer.search.momentum = {"dist": "uniform", "low": 0, "high": 1}
+    with pytest.raises(UserInputError, match="optimizer.search.momentum: optimizer has no default 'momentum'"):
+        sample_hparams(cfg)
+
+
+def test_run_key_ignores_where_files_go_and_sees_what_a_run_computes(make_config, tmp_path):
+    cfg = make_config()
+    key = run_key(cfg)
+    assert len(key) == 12 and key == run_key(make_config())
+    moved = make_config("logger=csv")
+    with open_dict(moved):
+        moved.paths.output_dir = str(tmp_path / "elsewhere")
+        moved.paths.log_dir = "/somewhere/else"
+    assert run_key(moved) == key
+    for override in (
+        "trial_seed=1",
+        "hparams_seed=1",
+        "optimizer.lr=0.1",
+        "dataset.test_domains=[rot15]",
+        "algorithm=coral",
+    ):
+        assert run_key(make_config(override)) != key, override
+
+
+def test_optuna_space_translates_every_search_mapping(make_config):
+    space = optuna_space(make_config("optimizer=fad", "algorithm=coral"))
+    assert space["optimizer.lr"] == f"tag(log, interval({10**-5!r}, {10**-3.5!r}))"
+    assert space["optimizer.alpha"] == "interval(0.0, 1.0)"
+    assert space["optimizer.rho"] == "choice(0.01, 0.02, 0.05, 0.1)"
+    assert space["algorithm.mmd_gamma"] == "tag(log, interval(0.1, 10.0))"
+    cfg = OmegaConf.create(
+        {
+            "dataset": {
+                "batch_size": 32,
+                "search": {"batch_size": {"dist": "pow2_uniform", "low": 3, "high": 9, "int": True}},
+            }
+        }
+    )
+    assert optuna_space(cfg) == {"dataset.batch_size": "int(tag(log, interval(8.0, 512.0)))"}
+
+
+def _hydra_config(*overrides: str):
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"
+    ):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_hparams_search_optuna_maximises_over_the_configs_search_mappings():
+    cfg = _hydra_config("hparams_search=optuna", "optimizer=sgd", "algorithm=coral")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert (
+        OmegaConf.to_container(sweeper, resolve=True)["params"]
+        == optuna_space(cfg)
+        == {
+            "algorithm.mmd_gamma": "tag(log, interval(0.1, 10.0))",
+            "optimizer.lr": "tag(log, interval(0.001, 0.1))",
+            "optimizer.weight_decay": f"tag(log, interval({1e-6!r}, 0.01))",
+        }
+    )
+
+
+def test_slurm_launcher_asks_for_a_gpu_per_task_and_multiruns_name_jobs_by_config():
+    cfg = _hydra_config("hydra/launcher=slurm")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert (cfg.hydra.launcher.gpus_per_task, cfg.hydra.launcher.tasks_per_node) == (1, 1)
+    assert cfg.hydra.sweep.subdir == run_key(cfg), "the job directory is the job config's hash"

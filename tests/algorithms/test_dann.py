@@ -178,7 +178,9 @@ def _optimizer_steps(trainer) -> list[int]:
     return [int(next(iter(s["state"].values()))["step"]) for s in states]
 
 
-@pytest.mark.parametrize(("algorithm", "optimizer"), [("dann", "genie"), ("dann", "adam"), ("cdann", "genie")])
+@pytest.mark.parametrize(
+    ("algorithm", "optimizer"), [("dann", "genie"), ("dann", "adam"), ("cdann", "genie"), ("cdann", "adam")]
+)
 def test_dann_trains_checkpoints_the_discriminator_and_reloads_it(
     train_algorithm, saved_state, make_config, small_run, algorithm, optimizer
 ):

@@ -138,3 +138,13 @@ def test_config_key_typo_is_refused_with_the_key_named(make_config):
 
     with pytest.raises(ConfigCompositionException, match="trainer.max_step"):
         make_config("trainer.max_step=5")
+
+
+def test_unwritable_run_directory_fails_at_start_with_the_fix(make_config, small_run, tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the run directory should go")
+    cfg = make_config("trainer.max_steps=2", *small_run)
+    cfg.paths.output_dir = str(blocker / "run")
+    with pytest.raises(UserInputError, match="cannot write the run directory.*paths.log_dir"):
+        train(cfg)
+    assert blocker.read_text().startswith("a file"), "nothing of the user's is touched"

@@ -129,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = json.loads((output_dir / "summary.json").read_text())
         print_summary(summary)
         return summary
-    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output_dir)
     sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -157,6 +157,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / DONE_MARKER).touch()
     print_summary(summary)
     return summary
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the run directory and prove it writable before any work, so an unwritable path
+    or a full disk fails at start rather than at the first checkpoint."""
+    probe = output_dir / ".write_probe"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise UserInputError(
+            f"cannot write the run directory {output_dir} ({err.strerror or err}); free disk space "
+            "or point paths.log_dir (or hydra.run.dir) at a writable place"
+        ) from err
 
 
 def _wandb_logs_model(cfg: DictConfig) -> bool:

@@ -1,9 +1,11 @@
 """Train a domain-generalization model: ``python train.py dataset=pacs optimizer=genie``."""
 
+import signal
 import sys
 
 import hydra
 from dotenv import load_dotenv
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from genie_dg.errors import UserInputError
@@ -22,6 +24,10 @@ def main(cfg: DictConfig) -> float | None:
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        # Lightning's SIGTERM exit is a bare SystemExit (status 0); a scheduler must see a run
+        # cut short (the shell's 128 + signal), not a finished one.
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

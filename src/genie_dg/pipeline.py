@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: loading a checkpoint must never run code pickled into it.
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserInputError(
+                f"ckpt_path={ckpt_path} holds pickled objects beyond tensors and plain containers and is "
+                "refused as unsafe; pass a checkpoint written by genie-dg"
+            ) from err
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        tested = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True
+        )
         summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,0 +1,117 @@
+"""Preemption: a run stopped by SIGTERM or SIGKILL and started again with the same command ends
+with the parameters of a run never stopped. Unsafe input: a checkpoint carrying a pickled payload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_RUN
+
+from genie_dg.errors import UserInputError
+from genie_dg.pipeline import train
+from genie_dg.sweep import DONE_MARKER, LAST_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ("trainer.deterministic=true", "trainer.max_steps=8", "trainer.val_check_interval=2")
+
+
+def _command(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *SMALL_RUN, *RUN, f"hydra.run.dir={run_dir}"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "PROJECT_ROOT": str(tmp_path)}
+
+
+def _train(run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _command(run_dir), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+
+
+def _outcome(run_dir: Path) -> tuple[dict[str, torch.Tensor], str, list[dict]]:
+    """The final parameters, every validation's record, and the tested accuracies of a finished run."""
+    state = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)
+    assert state["global_step"] == 8
+    tested = json.loads((run_dir / "summary.json").read_text())["domains"]
+    return state["state_dict"], (run_dir / "results.jsonl").read_text(), tested
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], str, list[dict]]:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    result = _train(tmp_path / "run", tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return _outcome(tmp_path / "run")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_stopped_by_a_signal_resumes_to_the_parameters_of_an_uninterrupted_one(
+    signum, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        _command(run_dir),
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # The first validation (step 2) writes last.ckpt: training is under way, six steps remain.
+    deadline = time.monotonic() + 120
+    while not (run_dir / LAST_CHECKPOINT).is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    output = process.communicate(timeout=120)[0]
+    assert not (run_dir / DONE_MARKER).exists(), "the run finished before the signal"
+    if signum == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
+        # Saved by genie_dg.faults at the step boundary where Lightning stopped, validation or not.
+        step = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)["global_step"]
+        assert f"SIGTERM: saved step {step} to {run_dir / LAST_CHECKPOINT}" in output
+        assert 2 <= step < 8
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    resumed = _train(run_dir, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming the unfinished run from" in resumed.stdout + resumed.stderr
+    assert (run_dir / DONE_MARKER).is_file()
+    weights, records, tested = _outcome(run_dir)
+    expected_weights, expected_records, expected_tested = uninterrupted
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        assert torch.equal(weights[name], tensor), name
+    assert records == expected_records, "every validation recorded once, with the same accuracies"
+    assert tested == expected_tested
+
+
+class _Payload:
+    """Pickles as a call that leaves a file behind: proof of whether loading ran it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_a_pickled_payload_is_refused_unrun(small_run, make_config, tmp_path):
+    marker = tmp_path / "payload_ran"
+    checkpoint = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, checkpoint)
+    cfg = make_config(*small_run, *RUN, f"ckpt_path={checkpoint}")
+    with pytest.raises(UserInputError, match=r"refused as unsafe") as refused:
+        train(cfg)
+    assert "\n" not in str(refused.value)
+    assert not marker.exists(), "the payload ran"

@@ -45,7 +45,7 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_run() -> tuple[str, ...]:
     """Hydra overrides for a seconds-long run (see ``SMALL_RUN``)."""
     return SMALL_RUN

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_RUN
 
 from genie_dg.errors import UserInputError
 from genie_dg.pipeline import train
@@ -23,17 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ("trainer.deterministic=true", "trainer.max_steps=8", "trainer.val_check_interval=2")
 
 
-def _command(run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *SMALL_RUN, *RUN, f"hydra.run.dir={run_dir}"]
+def _command(run_dir: Path, small_run: tuple[str, ...]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *small_run, *RUN, f"hydra.run.dir={run_dir}"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "offline", "PROJECT_ROOT": str(tmp_path)}
 
 
-def _train(run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, tmp_path: Path, small_run: tuple[str, ...]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        _command(run_dir), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+        _command(run_dir, small_run), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300
     )
 
 
@@ -46,20 +45,20 @@ def _outcome(run_dir: Path) -> tuple[dict[str, torch.Tensor], str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], str, list[dict]]:
+def uninterrupted(tmp_path_factory, small_run) -> tuple[dict[str, torch.Tensor], str, list[dict]]:
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    result = _train(tmp_path / "run", tmp_path)
+    result = _train(tmp_path / "run", tmp_path, small_run)
     assert result.returncode == 0, result.stderr[-4000:]
     return _outcome(tmp_path / "run")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_run_stopped_by_a_signal_resumes_to_the_parameters_of_an_uninterrupted_one(
-    signum, uninterrupted, tmp_path
+    signum, uninterrupted, small_run, tmp_path
 ):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        _command(run_dir),
+        _command(run_dir, small_run),
         cwd=tmp_path,
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -83,7 +82,7 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_parameters_of_an_uninterrupted
     else:
         assert process.returncode == -signal.SIGKILL
 
-    resumed = _train(run_dir, tmp_path)
+    resumed = _train(run_dir, tmp_path, small_run)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming the unfinished run from" in resumed.stdout + resumed.stderr
     assert (run_dir / DONE_MARKER).is_file()

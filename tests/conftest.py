@@ -49,3 +49,21 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
 def small_run() -> tuple[str, ...]:
     """Hydra overrides for a seconds-long run (see ``SMALL_RUN``)."""
     return SMALL_RUN
+
+
+@pytest.fixture
+def short_run_config(make_config, small_run) -> Callable[..., DictConfig]:
+    """``short_run_config(*overrides, steps=n)``: a small run of ``n`` steps, validated once at
+    the end on one batch per evaluation set (enough for checkpoints and records)."""
+
+    def make(*overrides: str, steps: int) -> DictConfig:
+        return make_config(
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "dataset.eval_batch_size=64",
+            "+trainer.limit_val_batches=1",
+            *small_run,
+            *overrides,
+        )
+
+    return make

@@ -99,23 +99,14 @@ def linear_gradient() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.fixture
-def train_algorithm(make_config, small_run) -> Callable[..., tuple[DGModule, object]]:
+def train_algorithm(short_run_config) -> Callable[..., tuple[DGModule, object]]:
     """``train_algorithm("coral", "genie", *overrides)`` fits 3 steps on tiny RotatedMNIST.
 
     Returns the module and the trainer; ``<run>/checkpoints/last.ckpt`` holds the final state.
     """
 
     def fit(algorithm: str, optimizer: str, *overrides: str, steps: int = 3):
-        cfg = make_config(
-            f"algorithm={algorithm}",
-            f"optimizer={optimizer}",
-            f"trainer.max_steps={steps}",
-            f"trainer.val_check_interval={steps}",
-            "dataset.eval_batch_size=64",
-            "+trainer.limit_val_batches=1",
-            *small_run,
-            *overrides,
-        )
+        cfg = short_run_config(f"algorithm={algorithm}", f"optimizer={optimizer}", *overrides, steps=steps)
         datamodule, model, trainer = build(cfg)
         before = [p.detach().clone() for p in model.network.parameters()]
         trainer.fit(model, datamodule=datamodule)

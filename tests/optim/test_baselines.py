@@ -34,18 +34,8 @@ CLASSES = {
 DISTRIBUTIONS = {"uniform", "log10_uniform", "pow2_uniform"}
 
 
-def _fit(make_config, small_run, optimizer: str, *overrides: str, steps: int = 5):
-    cfg = make_config(
-        f"optimizer={optimizer}",
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps}",
-        "dataset.eval_batch_size=64",
-        "+trainer.limit_val_batches=1",
-        *small_run,
-        *overrides,
-    )
-    datamodule, model, trainer = build(cfg)
-    return datamodule, model, trainer
+def _fit(short_run_config, optimizer: str, *overrides: str, steps: int = 5):
+    return build(short_run_config(f"optimizer={optimizer}", *overrides, steps=steps))
 
 
 def _train_on_one_batch(datamodule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +74,9 @@ def test_config_has_a_valid_search_and_builds_with_overrides(make_config, name):
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))
-def test_optimizer_trains_the_default_experiment_and_lowers_the_loss(make_config, small_run, name):
+def test_optimizer_trains_the_default_experiment_and_lowers_the_loss(short_run_config, name):
     steps = 5
-    datamodule, model, trainer = _fit(make_config, small_run, name, steps=steps)
+    datamodule, model, trainer = _fit(short_run_config, name, steps=steps)
     # One fixed batch: its loss must fall, whatever the noise between different batches.
     x, y = _train_on_one_batch(datamodule, steps)
     before = _loss(model.network, x, y)
@@ -99,8 +89,8 @@ def test_optimizer_trains_the_default_experiment_and_lowers_the_loss(make_config
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))
-def test_optimizer_supports_bf16_mixed_precision(make_config, small_run, name):
-    datamodule, model, trainer = _fit(make_config, small_run, name, "trainer.precision=bf16-mixed", steps=2)
+def test_optimizer_supports_bf16_mixed_precision(short_run_config, name):
+    datamodule, model, trainer = _fit(short_run_config, name, "trainer.precision=bf16-mixed", steps=2)
     before = [p.detach().clone() for p in model.network.parameters()]
     trainer.fit(model, datamodule=datamodule)
     assert trainer.precision == "bf16-mixed"
@@ -112,8 +102,8 @@ def test_optimizer_supports_bf16_mixed_precision(make_config, small_run, name):
 
 
 @pytest.mark.parametrize("name", ["sam", "gam", "fad"])
-def test_every_pass_evaluates_the_full_dg_loss_and_only_the_first_is_logged(make_config, small_run, name):
-    datamodule, model, trainer = _fit(make_config, small_run, name, "algorithm=coral", steps=2)
+def test_every_pass_evaluates_the_full_dg_loss_and_only_the_first_is_logged(short_run_config, name):
+    datamodule, model, trainer = _fit(short_run_config, name, "algorithm=coral", steps=2)
     losses: list[float] = []
     penalties: list[float] = []
     training_loss = model.algorithm.training_loss
@@ -133,8 +123,8 @@ def test_every_pass_evaluates_the_full_dg_loss_and_only_the_first_is_logged(make
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(last_step[0])
 
 
-def test_running_statistics_come_from_the_unperturbed_pass_only(make_config, small_run):
-    datamodule, model, trainer = _fit(make_config, small_run, "sam", "optimizer.rho=1.0", steps=1)
+def test_running_statistics_come_from_the_unperturbed_pass_only(short_run_config):
+    datamodule, model, trainer = _fit(short_run_config, "sam", "optimizer.rho=1.0", steps=1)
     x, _ = _train_on_one_batch(datamodule, 1)
     featurizer = model.network.featurizer
     bn = featurizer.bn1
@@ -146,8 +136,8 @@ def test_running_statistics_come_from_the_unperturbed_pass_only(make_config, sma
 
 
 @pytest.mark.parametrize("name", ["sam", "gam", "fad"])
-def test_closure_optimizers_are_refused_under_manual_optimization(make_config, small_run, name):
-    datamodule, model, trainer = _fit(make_config, small_run, name, steps=1)
+def test_closure_optimizers_are_refused_under_manual_optimization(short_run_config, name):
+    datamodule, model, trainer = _fit(short_run_config, name, steps=1)
     # As an algorithm with automatic_optimization = False (DANN, MLDG...) sets it.
     model.automatic_optimization = False
     with pytest.raises(UserInputError, match=f"optimizer {name.upper()} re-evaluates the loss"):
@@ -156,9 +146,9 @@ def test_closure_optimizers_are_refused_under_manual_optimization(make_config, s
 
 @pytest.mark.parametrize("name", ["sam", "adahessian"])
 def test_fp16_mixed_precision_is_refused_for_closure_and_second_order_optimizers(
-    make_config, small_run, monkeypatch, name
+    short_run_config, monkeypatch, name
 ):
-    datamodule, model, trainer = _fit(make_config, small_run, name, steps=1)
+    datamodule, model, trainer = _fit(short_run_config, name, steps=1)
     # 16-mixed needs a GPU; the refusal only reads the precision Lightning reports.
     monkeypatch.setattr(type(trainer), "precision", property(lambda self: "16-mixed"))
     with pytest.raises(UserInputError, match="16-mixed"):

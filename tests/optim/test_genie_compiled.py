@@ -1,0 +1,143 @@
+"""GENIE(compiled=True): the fused inductor kernel against the eager paths.
+
+Each distinct configuration compiles once (a few seconds on tiny tensors), so
+the cases are few and share shapes.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from genie_dg.optim import GENIE
+from genie_dg.optim.genie import _compiled_mask, _mask_threshold
+
+SHAPES = [(8, 4), (16,), (3, 3, 2)]
+
+
+def _params(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in SHAPES]
+
+
+def _grads(step: int, dtype=torch.float32):
+    # Alternating large and tiny gradients: var > 0.1 on some steps, so lam < 1
+    # and the noise is active on some tensors and skipped on others.
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(s, generator=gen) * (3.0 if step % 2 else 0.01)).to(dtype) for s in SHAPES]
+
+
+def _train(params, opt, steps, start=0):
+    for k in range(start, start + steps):
+        for p, g in zip(params, _grads(k, params[0].dtype)):
+            p.grad = g
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(mask=False),  # reference, preconditioning and noise
+        dict(mask=False, variant="algorithm1", noise_std=0.05),
+        dict(mask=False, noise=False, weight_decay=0.1, maximize=True),
+        dict(mask=False, preconditioning=False, weight_decay=0.1, decoupled_weight_decay=True),
+    ],
+)
+def test_matches_foreach_up_to_rounding_without_mask(switches):
+    eager, fused = _params(), _params()
+    _train(eager, GENIE(eager, lr=0.1, seed=1, foreach=True, **switches), 5)
+    opt = GENIE(fused, lr=0.1, seed=1, compiled=True, **switches)
+    _train(fused, opt, 5)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(float(opt.state[p]["step"]) == 5 for p in fused)
+
+
+def test_mask_is_the_documented_hash_of_generator_keys():
+    """With noise off and no weight decay, m and s do not depend on theta, so each
+    compiled step is the unmasked eager step times keep * 2^24 / (2^24 - thr)."""
+    p_drop, lr = 0.4, 0.1
+    eager, fused = _params(), _params()
+    opt_e = GENIE(eager, lr=lr, seed=3, noise=False, mask=False, foreach=True)
+    opt_c = GENIE(fused, lr=lr, seed=3, noise=False, p=p_drop, compiled=True)
+    gen = torch.Generator().manual_seed(3)
+    thr = _mask_threshold(p_drop)
+    scale = (1 << 24) / ((1 << 24) - thr)
+    expected = [p.detach().clone() for p in fused]
+    for k in range(3):
+        before = [p.detach().clone() for p in eager]
+        _train(eager, opt_e, 1, start=k)
+        _train(fused, opt_c, 1, start=k)
+        keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(SHAPES),), generator=gen, dtype=torch.int64)
+        for j, (b, a) in enumerate(zip(before, eager)):
+            keep = _compiled_mask(b, keys[j], torch.tensor(thr))
+            expected[j] = expected[j] + (a.detach() - b) * keep * scale
+    for e, f in zip(expected, fused):
+        torch.testing.assert_close(f.detach(), e, rtol=1e-5, atol=1e-6)
+    assert torch.equal(opt_c._generators["cpu"].get_state(), gen.get_state())
+
+
+def test_hash_mask_drops_a_fraction_p_independently_per_key():
+    param = torch.empty(200_000)
+    thr = torch.tensor(_mask_threshold(0.3))
+    a = _compiled_mask(param, torch.tensor(12345), thr)
+    b = _compiled_mask(param, torch.tensor(12346), thr)
+    assert abs(1 - a.float().mean().item() - 0.3) < 0.005
+    # neighbouring keys, and neighbouring coordinates, are unrelated:
+    # agreement ~ 0.7^2 + 0.3^2 = 0.58
+    assert abs((a == b).float().mean().item() - 0.58) < 0.01
+    assert abs((a[1:] == a[:-1]).float().mean().item() - 0.58) < 0.01
+    high = _compiled_mask(param, torch.tensor(12345 + (1 << 40)), thr)
+    assert abs((a == high).float().mean().item() - 0.58) < 0.01
+
+
+def test_resume_from_state_dict_is_bit_identical():
+    full = _params()
+    opt = GENIE(full, lr=0.1, seed=4, compiled=True)
+    _train(full, opt, 6)
+
+    part = _params()
+    opt1 = GENIE(part, lr=0.1, seed=4, compiled=True)
+    _train(part, opt1, 3)
+    buf = io.BytesIO()
+    torch.save(opt1.state_dict(), buf)
+    buf.seek(0)
+    resumed = [p.detach().clone().requires_grad_(True) for p in part]
+    opt2 = GENIE(resumed, lr=0.1, seed=999, compiled=True)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _train(resumed, opt2, 3, start=3)
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+
+
+def test_learning_rate_changes_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    params = _params()
+    opt = GENIE(params, lr=0.1, seed=5, compiled=True)
+    _train(params, opt, 2)
+    before = counters["stats"]["unique_graphs"]
+    for k in range(3):
+        opt.param_groups[0]["lr"] = 0.05 / (k + 1)
+        _train(params, opt, 1, start=2 + k)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_bfloat16_parameters_keep_float32_state():
+    params = _params(torch.bfloat16)
+    opt = GENIE(params, lr=0.1, seed=6, compiled=True, mask=False)
+    ref = _params(torch.bfloat16)
+    _train(ref, GENIE(ref, lr=0.1, seed=6, mask=False), 4)
+    _train(params, opt, 4)
+    for p, r in zip(params, ref):
+        assert p.dtype == torch.bfloat16
+        assert opt.state[p]["m"].dtype == torch.float32
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_must_be_a_bool():
+    with pytest.raises(ValueError, match="compiled"):
+        GENIE(_params(), compiled="yes")

@@ -52,11 +52,15 @@ def uninterrupted(tmp_path_factory, small_run) -> tuple[dict[str, torch.Tensor],
     return _outcome(tmp_path / "run")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+    "signum, restart",
+    [(signal.SIGTERM, "same directory"), (signal.SIGKILL, "same directory"), (signal.SIGKILL, "ckpt_path=last")],
+    ids=["SIGTERM", "SIGKILL", "SIGKILL-ckpt_path=last-new-directory"],
+)
 def test_a_run_stopped_by_a_signal_resumes_to_the_parameters_of_an_uninterrupted_one(
-    signum, uninterrupted, small_run, tmp_path
+    signum, restart, uninterrupted, small_run, tmp_path
 ):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "first"
     process = subprocess.Popen(
         _command(run_dir, small_run),
         cwd=tmp_path,
@@ -82,9 +86,18 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_parameters_of_an_uninterrupted
     else:
         assert process.returncode == -signal.SIGKILL
 
-    resumed = _train(run_dir, tmp_path, small_run)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resuming the unfinished run from" in resumed.stdout + resumed.stderr
+    if restart == "same directory":
+        resumed = _train(run_dir, tmp_path, small_run)
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert "resuming the unfinished run from" in resumed.stdout + resumed.stderr
+    else:
+        # As a restart with Hydra's default time-stamped run directory: a sibling of the first.
+        second = tmp_path / "runs" / "second"
+        resumed = _train(second, tmp_path, (*small_run, "ckpt_path=last"))
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert f"ckpt_path=last: continuing the unfinished run in {run_dir}" in resumed.stdout + resumed.stderr
+        assert (second / "continued_in").read_text().strip() == str(run_dir)
+        assert not (second / LAST_CHECKPOINT).exists(), "training continued in the first directory"
     assert (run_dir / DONE_MARKER).is_file()
     weights, records, tested = _outcome(run_dir)
     expected_weights, expected_records, expected_tested = uninterrupted
@@ -114,3 +127,43 @@ def test_a_checkpoint_carrying_a_pickled_payload_is_refused_unrun(small_run, mak
         train(cfg)
     assert "\n" not in str(refused.value)
     assert not marker.exists(), "the payload ran"
+
+
+def test_a_missing_checkpoint_path_is_refused_before_training(small_run, make_config, tmp_path):
+    cfg = make_config(*small_run, *RUN, f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(UserInputError, match=r"nope.ckpt is not a file.*ckpt_path=last"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_ckpt_path_last_ignores_finished_and_other_configs(small_run, make_config, tmp_path):
+    from omegaconf import open_dict
+
+    from genie_dg.pipeline import resume_point
+    from genie_dg.sweep import RESUME_KEY_FILE
+
+    def start(name: str, *overrides: str):
+        cfg = make_config(*small_run, *RUN, "ckpt_path=last", *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "runs" / name)
+        Path(cfg.paths.output_dir).mkdir(parents=True)
+        return cfg
+
+    def leave_checkpoint(run: Path, done: bool) -> None:
+        (run / LAST_CHECKPOINT).parent.mkdir(parents=True)
+        (run / LAST_CHECKPOINT).write_bytes(b"")
+        if done:
+            (run / DONE_MARKER).touch()
+
+    other = start("other_config", "trainer.max_steps=9")
+    resume_point(other, Path(other.paths.output_dir))
+    leave_checkpoint(Path(other.paths.output_dir), done=False)
+    finished = start("finished")
+    resume_point(finished, Path(finished.paths.output_dir))
+    leave_checkpoint(Path(finished.paths.output_dir), done=True)
+
+    fresh = start("fresh")
+    assert resume_point(fresh, Path(fresh.paths.output_dir)) == (Path(fresh.paths.output_dir), None)
+    assert (Path(fresh.paths.output_dir) / RESUME_KEY_FILE).read_text() == (
+        Path(finished.paths.output_dir) / RESUME_KEY_FILE
+    ).read_text()

@@ -24,7 +24,16 @@ from genie_dg.errors import UserInputError
 from genie_dg.module import DGModule
 from genie_dg.results.recorder import ResultsRecorder
 from genie_dg.results.records import RESULTS_FILE, RunIdentity
-from genie_dg.sweep import DONE_MARKER, LAST_CHECKPOINT, sample_hparams, searched_hparams, sweep_group
+from genie_dg.sweep import (
+    DONE_MARKER,
+    LAST_CHECKPOINT,
+    RESUME_KEY_FILE,
+    latest_unfinished_run,
+    resume_key,
+    sample_hparams,
+    searched_hparams,
+    sweep_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +140,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_summary(summary)
         return summary
     prepare_output_dir(output_dir)
+    output_dir, ckpt_path = resume_point(cfg, output_dir)
     sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None and (output_dir / LAST_CHECKPOINT).is_file():
-        ckpt_path = str(output_dir / LAST_CHECKPOINT)
-        log.info("resuming the unfinished run from %s", ckpt_path)
     datamodule, model, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -167,6 +173,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / DONE_MARKER).touch()
     print_summary(summary)
     return summary
+
+
+def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
+    """The run directory to train in and the checkpoint to resume from.
+
+    - ``ckpt_path=null``: this directory's own ``last.ckpt`` if an earlier start left one.
+    - ``ckpt_path=last``: that, or else the newest unfinished run of the same config (same
+      :func:`~genie_dg.sweep.resume_key`) among this directory's siblings, e.g. an earlier
+      ``python train.py ...`` that Hydra gave another time-stamped directory. Training then
+      continues in that directory (``paths.output_dir`` is pointed there), so its records and
+      checkpoints stay in one place; this directory keeps Hydra's files and a ``continued_in``
+      note. With no such run it starts from scratch.
+    - any other value: that checkpoint file, which must exist.
+    """
+    key = resume_key(cfg)
+    (output_dir / RESUME_KEY_FILE).write_text(key)
+    ckpt_path = cfg.get("ckpt_path")
+    own = output_dir / LAST_CHECKPOINT
+    if ckpt_path not in (None, "last"):
+        if not Path(ckpt_path).is_file():
+            raise UserInputError(
+                f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
+                "or ckpt_path=last to continue the newest unfinished run of this config"
+            )
+        return output_dir, str(ckpt_path)
+    if own.is_file():
+        log.info("resuming the unfinished run from %s", own)
+        return output_dir, str(own)
+    if ckpt_path is None:
+        return output_dir, None
+    earlier = latest_unfinished_run(output_dir.parent, key, exclude=output_dir)
+    if earlier is None:
+        log.warning(
+            "ckpt_path=last: no unfinished run of this config under %s; starting from scratch", output_dir.parent
+        )
+        return output_dir, None
+    log.info("ckpt_path=last: continuing the unfinished run in %s", earlier)
+    (output_dir / "continued_in").write_text(f"{earlier}\n")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(earlier)
+    return earlier, str(earlier / LAST_CHECKPOINT)
 
 
 def prepare_output_dir(output_dir: Path) -> None:

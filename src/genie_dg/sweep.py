@@ -33,12 +33,14 @@ from typing import Any
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genie_dg.errors import UserInputError
 
 DONE_MARKER = "done"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# Holds the run's resume_key, so `ckpt_path=last` can find earlier runs of the same config.
+RESUME_KEY_FILE = "resume_key"
 DISTRIBUTIONS = ("uniform", "log10_uniform", "pow2_uniform", "choice")
 # Parts of the config that say where things are written, not what a run computes.
 NOT_IN_RUN_KEY = ("hydra", "paths", "logger")
@@ -109,6 +111,32 @@ def run_key(cfg: DictConfig) -> str:
     del resolved["paths"]
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def resume_key(cfg: DictConfig) -> str:
+    """:func:`run_key` of the config as started without ``ckpt_path``: the same for every start
+    of one run, whether it resumes or not."""
+    with open_dict(cfg):
+        saved = cfg.get("ckpt_path")
+        cfg.ckpt_path = None
+        try:
+            return run_key(cfg)
+        finally:
+            cfg.ckpt_path = saved
+
+
+def latest_unfinished_run(runs_dir: Path, key: str, exclude: Path | None = None) -> Path | None:
+    """The directory under ``runs_dir`` whose :data:`RESUME_KEY_FILE` holds ``key``, which has a
+    last checkpoint and no :data:`DONE_MARKER`, with the newest checkpoint; None if there is none."""
+    found = []
+    for run in runs_dir.iterdir() if runs_dir.is_dir() else ():
+        marker = run / RESUME_KEY_FILE
+        if run == exclude or not marker.is_file() or (run / DONE_MARKER).exists():
+            continue
+        checkpoint = run / LAST_CHECKPOINT
+        if checkpoint.is_file() and marker.read_text().strip() == key:
+            found.append((checkpoint.stat().st_mtime, str(run)))
+    return Path(max(found)[1]) if found else None
 
 
 def optuna_distribution(spec: DictConfig | dict[str, Any], where: str) -> str:

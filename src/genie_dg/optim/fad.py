@@ -33,6 +33,11 @@ class FAD(FlatnessAwareOptimizer):
 
     ``base_optimizer`` is the optimizer class that makes the update, built with
     ``base_kwargs`` (``lr``, ``weight_decay``, ...).
+
+    Caveat: a reconstruction. FAD has no public code and its algorithm text was not available,
+    so this follows the paper's stated objective; the passes match the authors' accelerated GAM
+    (github.com/xxgege/GAM), which however uses two radii and a GSAM-style gradient
+    decomposition in place of the plain weighted sum above. Defaults are ours, not the paper's.
     """
 
     def __init__(

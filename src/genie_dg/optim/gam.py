@@ -28,6 +28,11 @@ class GAM(FlatnessAwareOptimizer):
 
     ``base_optimizer`` is the optimizer class that makes the update (the paper pairs GAM with
     SGD and AdamW), built with ``base_kwargs`` (``lr``, ``weight_decay``, ...).
+
+    The authors' repository (github.com/xxgege/GAM) does not ship this algorithm but the paper's
+    Hessian-free "accelerated GAM" (Algorithm 2, Appendix D), which combines GAM with SAM: four
+    gradient evaluations, finite differences with a small radius ``rho'`` in place of both
+    Hessian-vector products, and a GSAM-style gradient decomposition; it is not implemented here.
     """
 
     def __init__(

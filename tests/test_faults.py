@@ -167,3 +167,42 @@ def test_ckpt_path_last_ignores_finished_and_other_configs(small_run, make_confi
     assert (Path(fresh.paths.output_dir) / RESUME_KEY_FILE).read_text() == (
         Path(finished.paths.output_dir) / RESUME_KEY_FILE
     ).read_text()
+
+
+def test_a_sweep_killed_halfway_keeps_its_finished_runs_and_completes_when_run_again(small_run, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *small_run,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trial_seed=0,1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not list(sweep_dir.glob(f"*/{DONE_MARKER}")):
+        assert process.poll() is None and time.monotonic() < deadline, "no job finished"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=60)
+    finished = {
+        marker.parent: (marker.parent / "summary.json").read_bytes() for marker in sweep_dir.glob(f"*/{DONE_MARKER}")
+    }
+    assert 1 <= len(finished) < 3, "the kill came after the whole sweep"
+    stamps = {run: (run / "results.jsonl").stat().st_mtime_ns for run in finished}
+
+    again = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    runs = sorted(marker.parent for marker in sweep_dir.glob(f"*/{DONE_MARKER}"))
+    assert len(runs) == 3
+    for run, summary in finished.items():
+        assert (run / "summary.json").read_bytes() == summary, "a finished run was run again"
+        assert (run / "results.jsonl").stat().st_mtime_ns == stamps[run]
+        assert f"{run} finished before: skipping it" in again.stdout + again.stderr
+    seeds = sorted(json.loads((run / "summary.json").read_text())["trial_seed"] for run in runs)
+    assert seeds == [0, 1, 2]

@@ -148,3 +148,20 @@ def test_unwritable_run_directory_fails_at_start_with_the_fix(make_config, small
     with pytest.raises(UserInputError, match="cannot write the run directory.*paths.log_dir"):
         train(cfg)
     assert blocker.read_text().startswith("a file"), "nothing of the user's is touched"
+
+
+@pytest.mark.parametrize("mode, key", [((), "hydra.run.dir"), (("-m",), "hydra.sweep.dir")], ids=["run", "multirun"])
+def test_unwritable_hydra_directory_fails_with_one_line(mode, key, tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the run directory should go")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *mode, f"{key}={blocker / 'run'}", "trainer.max_steps=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write the run directory"), result.stderr
+    assert key in result.stderr and "Traceback" not in result.stderr
+    assert blocker.read_text().startswith("a file")

@@ -6,12 +6,14 @@ import copy
 import json
 import logging
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import wandb
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -214,6 +216,26 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(earlier)
     return earlier, str(earlier / LAST_CHECKPOINT)
+
+
+class WritableOutputCheck(Callback):
+    """Hydra callback: prove ``hydra.run.dir`` (or ``hydra.sweep.dir``) writable before Hydra
+    creates it, so an unwritable place ends in one ``error:`` line (exit status 2), not in a
+    traceback from inside Hydra."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(directory: str, key: str) -> None:
+        try:
+            prepare_output_dir(Path(directory))
+        except UserInputError as err:
+            print(f"error: {err} ({key})", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def prepare_output_dir(output_dir: Path) -> None:

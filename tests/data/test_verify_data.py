@@ -83,3 +83,21 @@ def test_the_console_script_is_installed_and_verifies(full_pacs):
     )
     assert result.returncode == 0, result.stderr
     assert "pacs: OK" in result.stdout
+
+
+# Images per domain in DomainBed's trees; they add up to DomainBed's published 9,991 / 10,729 / 15,588.
+DOMAINBED_TOTALS = {
+    "pacs": {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929},
+    "vlcs": {"Caltech101": 1415, "LabelMe": 2656, "SUN09": 3282, "VOC2007": 3376},
+    "office_home": {"Art": 2427, "Clipart": 4365, "Product": 4439, "Real World": 4357},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINBED_TOTALS))
+def test_pinned_per_class_counts_cover_every_class_and_sum_to_domainbed_totals(name):
+    node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml").dataset)
+    counts = node["expected_counts"]
+    assert list(counts) == node["domains"]
+    for domain, per_class in counts.items():
+        assert list(per_class) == node["classes"], domain
+        assert sum(per_class.values()) == DOMAINBED_TOTALS[name][domain], domain

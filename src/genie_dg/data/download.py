@@ -186,13 +186,40 @@ SOURCES: dict[str, DatasetSource] = {
     ),
     "domain_net": DatasetSource(
         folder="domain_net",
+        # sha256 of the six archives as pinned by TensorFlow Datasets for these same URLs
+        # (tensorflow/datasets tensorflow_datasets/image_classification/domainnet/checksums.tsv); their sizes
+        # (1,270,909,081 ... 6,062,039,589 bytes) match the md5-checked copies in datasets-mila/datasets--domainnet.
         files=(
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/groundtruth/clipart.zip", "clipart.zip"),
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/infograph.zip", "infograph.zip"),
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/groundtruth/painting.zip", "painting.zip"),
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/quickdraw.zip", "quickdraw.zip"),
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/real.zip", "real.zip"),
-            RemoteFile("http://csr.bu.edu/ftp/visda/2019/multi-source/sketch.zip", "sketch.zip"),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/groundtruth/clipart.zip",
+                "clipart.zip",
+                "f8f248a3e8bbc9868c523ae24e6601b4c2ad102afc60c0efeb4f3255df22354d",
+            ),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/infograph.zip",
+                "infograph.zip",
+                "891e14f476317e97b6f06d6498c11d0a5b8d0c8b57210765ed9beb072da611fa",
+            ),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/groundtruth/painting.zip",
+                "painting.zip",
+                "fa47e6d405503ea0286cabd767f176bd30e988b63ddd7b9db16cf030c9770015",
+            ),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/quickdraw.zip",
+                "quickdraw.zip",
+                "9f37df2a8c3733703dbb35ad9964202a65f675ca30137756457537536b485d84",
+            ),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/real.zip",
+                "real.zip",
+                "d7fe010b430c5b510f85d657d38c4a1924822695fabea4fef57bd00dba251d63",
+            ),
+            RemoteFile(
+                "http://csr.bu.edu/ftp/visda/2019/multi-source/sketch.zip",
+                "sketch.zip",
+                "23a7dbae7016b343e934399beaa8a68728fb5e570ebe2c71df9b75cf91c499fc",
+            ),
             RemoteFile(
                 "https://raw.githubusercontent.com/facebookresearch/DomainBed/main/domainbed/misc/domain_net_duplicates.txt",
                 "domain_net_duplicates.txt",

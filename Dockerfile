@@ -1,25 +1,45 @@
-# CPU image by default. CUDA variant: build with
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# and run with `docker run --gpus all ...` (see README, "Docker").
-FROM python:3.11.11-slim-bookworm
+# CPU image (the CUDA image is Dockerfile.cuda); README, "Docker", has the build and run commands.
+# Nothing secret is in it: .dockerignore keeps .env (and data/, logs/) out of the build context, and
+# .env is passed at run time with `docker run --env-file .env`.
+# Pinned by exact tag; Python 3.12, as in the CUDA image (Ubuntu 24.04's python3).
+FROM python:3.12.12-slim-bookworm
 
+# The CPU wheels of the two pins in pyproject.toml (a mirror of this index may be passed instead).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# W&B stays offline unless the run-time environment (.env) says WANDB_MODE=online.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     WANDB_MODE=offline
 
-RUN useradd --create-home --uid 1000 genie
-WORKDIR /app
-RUN chown genie:genie /app \
+# uid 1000: files the runs write into a mounted logs/ belong to the usual first user of the host.
+RUN groupadd --gid 1000 genie \
+    && useradd --create-home --uid 1000 --gid genie genie \
+    && python -m venv /opt/venv \
     && pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 --index-url "${TORCH_INDEX_URL}"
 
+# The other dependencies get a layer of their own, so that editing src/ does not reinstall them;
+# the package itself is then built from a throwaway copy of the sources.
+WORKDIR /tmp/genie-dg
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > requirements.txt \
+    && pip install --no-cache-dir -r requirements.txt
 COPY src ./src
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf /tmp/genie-dg \
+    && mkdir -p /app/data /app/logs \
+    && chown genie:genie /app /app/data /app/logs
+
+# Hydra's config and entry point; runs write under /app/logs and read datasets from /app/data
+# (DATA_DIR=./data), both meant to be mounted.
+WORKDIR /app
 COPY conf ./conf
 COPY train.py ./
 
-# Secrets (.env, WANDB_API_KEY) are passed at run time, never baked into the image.
 USER 1000:1000
 CMD ["python", "train.py"]

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test lint benchmark clean
+.PHONY: install train test lint benchmark docker clean
 
 install: $(INSTALLED)
 
@@ -22,7 +22,13 @@ test: $(INSTALLED)
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.cuda
+
+# Needs a Docker engine and downloads gigabytes; the tests check the Dockerfiles without one.
+docker:
+	docker build -t genie-dg .
+	docker run --rm genie-dg python -c "import os, torch, genie_dg; assert os.getuid() != 0; print(torch.__version__)"
+	docker build -f Dockerfile.cuda -t genie-dg:cuda .
 
 benchmark: $(INSTALLED)
 	$(PY) benchmarks/optimizer_step.py $(ARGS)

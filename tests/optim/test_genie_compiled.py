@@ -6,6 +6,7 @@ the cases are few and share shapes.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -141,3 +142,28 @@ def test_bfloat16_parameters_keep_float32_state():
 def test_compiled_must_be_a_bool():
     with pytest.raises(ValueError, match="compiled"):
         GENIE(_params(), compiled="yes")
+
+
+def test_trains_the_default_experiment_through_lightning(short_run_config):
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from genie_dg.pipeline import build
+
+    steps = 5
+    datamodule, model, trainer = build(short_run_config("optimizer=genie", "optimizer.compiled=true", steps=steps))
+    batch = next(iter(datamodule.train_dataloader()))
+    datamodule.train_dataloader = lambda: DataLoader([batch] * steps, batch_size=None)
+
+    def loss() -> float:
+        # Batch statistics, as in training, on a copy so the running statistics stay put.
+        network = copy.deepcopy(model.network).train()
+        with torch.no_grad():
+            return F.cross_entropy(network(batch[0]), batch[1]).item()
+
+    before = loss()
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == steps
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, GENIE) and optimizer.param_groups[0]["compiled"] is True
+    assert loss() < before - 0.02

@@ -768,3 +768,33 @@ def test_overflowing_second_moment_is_guarded(foreach):
     assert torch.isinf(opt.state[p]["s"][0])
     m_hat = (0.5 * 0.5 * 1e19 + 0.5 * -3e19) / 0.75
     torch.testing.assert_close(before[0] - p.detach()[0], torch.tensor(1e-19 * m_hat), rtol=1e-5, atol=0)
+
+
+def test_float16_autocast_with_grad_scaler_skips_overflowing_steps():
+    """What trainer.precision=16-mixed does (Lightning falls back to bf16 on the CPU, so the
+    contract is checked directly): GradScaler unscales before step() and skips steps whose
+    gradients overflowed, leaving GENIE's state and generator untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = GENIE(model.parameters(), lr=0.05, seed=0)
+    # 2^40 overflows float16 in the backward pass: the first steps must be skipped.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    losses, skipped = [], 0
+    for _ in range(40):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        before = {id(p): float(st["step"]) for p, st in opt.state.items()}
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            skipped += 1
+            assert {id(p): float(st["step"]) for p, st in opt.state.items()} == before
+        losses.append(loss.item())
+    assert skipped >= 1
+    assert all(st["m"].dtype == torch.float32 and torch.isfinite(st["s"]).all() for st in opt.state.values())
+    assert float(next(iter(opt.state.values()))["step"]) == 40 - skipped
+    assert losses[-1] < losses[skipped] - 0.02

@@ -167,3 +167,20 @@ def test_trains_the_default_experiment_through_lightning(short_run_config):
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, GENIE) and optimizer.param_groups[0]["compiled"] is True
     assert loss() < before - 0.02
+
+
+def test_a_missing_compiler_is_a_clear_error_that_changes_nothing(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from genie_dg.errors import UserInputError
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    param = torch.randn(5, 7, requires_grad=True)  # a shape no other test compiles
+    before = param.detach().clone()
+    opt = GENIE([param], lr=0.1, compiled=True)
+    param.grad = torch.ones(5, 7)
+    with pytest.raises(UserInputError, match=r"could not compile.*C\+\+ compiler.*optimizer.compiled=false"):
+        opt.step()
+    assert torch.equal(param.detach(), before)
+    assert float(opt.state[param]["step"]) == 0 and not opt.state[param]["m"].any()

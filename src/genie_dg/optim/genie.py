@@ -1025,22 +1025,31 @@ def _compiled_genie(
     else:
         keys = torch.zeros(len(params), dtype=torch.int64, device=device)
     wd_mode = "none" if weight_decay == 0.0 else ("decoupled" if decoupled_weight_decay else "l2")
-    lam_min = _kernel()(
-        params,
-        grads,
-        ms,
-        ss,
-        per_tensor,
-        keys,
-        per_group,
-        torch.tensor(threshold, dtype=torch.int64, device=device),
-        variant=variant,
-        preconditioning=preconditioning,
-        noise=noise,
-        use_mask=use_mask,
-        maximize=maximize,
-        weight_decay=wd_mode,
-    )
+    try:
+        lam_min = _kernel()(
+            params,
+            grads,
+            ms,
+            ss,
+            per_tensor,
+            keys,
+            per_group,
+            torch.tensor(threshold, dtype=torch.int64, device=device),
+            variant=variant,
+            preconditioning=preconditioning,
+            noise=noise,
+            use_mask=use_mask,
+            maximize=maximize,
+            weight_decay=wd_mode,
+        )
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        # Compilation fails before the kernel writes anything: undo the step count.
+        torch._foreach_add_(steps, -1.0)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"GENIE(compiled=True) could not compile its kernel ({reason}); install a C++ compiler "
+            "(e.g. g++) for inductor, or set optimizer.compiled=false"
+        ) from err
     if not noise:
         return
     hp = dict(beta=beta, eps=eps, variant=variant, preconditioning=preconditioning, noise=True)

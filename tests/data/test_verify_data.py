@@ -101,3 +101,14 @@ def test_pinned_per_class_counts_cover_every_class_and_sum_to_domainbed_totals(n
     for domain, per_class in counts.items():
         assert list(per_class) == node["classes"], domain
         assert sum(per_class.values()) == DOMAINBED_TOTALS[name][domain], domain
+
+
+def test_an_installed_package_reads_the_configs_of_the_working_directory(tmp_path, monkeypatch):
+    from genie_dg.data import verify
+
+    assert verify.config_dir_for(Path(verify.__file__)) == verify.CONFIG_DIR  # a source checkout: conf/ beside src/
+    installed = tmp_path / "lib" / "python3.12" / "site-packages" / "genie_dg" / "data" / "verify.py"
+    installed.parent.mkdir(parents=True)
+    installed.touch()
+    monkeypatch.chdir(tmp_path)
+    assert verify.config_dir_for(installed) == tmp_path / "conf"

@@ -136,7 +136,9 @@ def test_a_missing_checkpoint_path_is_refused_before_training(small_run, make_co
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
-def test_ckpt_path_last_ignores_finished_and_other_configs(small_run, make_config, tmp_path):
+def test_ckpt_path_last_takes_the_newest_run_of_the_same_config(small_run, make_config, tmp_path):
+    import os
+
     from omegaconf import open_dict
 
     from genie_dg.pipeline import resume_point
@@ -149,24 +151,29 @@ def test_ckpt_path_last_ignores_finished_and_other_configs(small_run, make_confi
         Path(cfg.paths.output_dir).mkdir(parents=True)
         return cfg
 
-    def leave_checkpoint(run: Path, done: bool) -> None:
+    def leave_checkpoint(cfg, age: int, done: bool = False) -> Path:
+        run = Path(cfg.paths.output_dir)
+        resume_point(cfg, run)
         (run / LAST_CHECKPOINT).parent.mkdir(parents=True)
         (run / LAST_CHECKPOINT).write_bytes(b"")
+        os.utime(run / LAST_CHECKPOINT, (1e9 - age, 1e9 - age))
         if done:
             (run / DONE_MARKER).touch()
+        return run
 
-    other = start("other_config", "trainer.max_steps=9")
-    resume_point(other, Path(other.paths.output_dir))
-    leave_checkpoint(Path(other.paths.output_dir), done=False)
-    finished = start("finished")
-    resume_point(finished, Path(finished.paths.output_dir))
-    leave_checkpoint(Path(finished.paths.output_dir), done=True)
+    leave_checkpoint(start("other_config", "trainer.max_steps=9"), age=0)
+    older = leave_checkpoint(start("older"), age=20)
+    newer = leave_checkpoint(start("newer"), age=10, done=True)
+    assert (older / RESUME_KEY_FILE).read_text() == (newer / RESUME_KEY_FILE).read_text()
 
     fresh = start("fresh")
-    assert resume_point(fresh, Path(fresh.paths.output_dir)) == (Path(fresh.paths.output_dir), None)
-    assert (Path(fresh.paths.output_dir) / RESUME_KEY_FILE).read_text() == (
-        Path(finished.paths.output_dir) / RESUME_KEY_FILE
-    ).read_text()
+    assert resume_point(fresh, Path(fresh.paths.output_dir)) == (newer, str(newer / LAST_CHECKPOINT))
+    assert fresh.paths.output_dir == str(newer), "the run's files go to the directory it continues"
+    assert not (tmp_path / "runs" / "fresh" / "continued_in").exists(), "a finished run is not continued"
+    (newer / DONE_MARKER).unlink()
+    again = start("again")
+    assert resume_point(again, Path(again.paths.output_dir))[0] == newer
+    assert (tmp_path / "runs" / "again" / "continued_in").read_text().strip() == str(newer)
 
 
 def test_a_sweep_killed_halfway_keeps_its_finished_runs_and_completes_when_run_again(small_run, tmp_path):
@@ -206,3 +213,11 @@ def test_a_sweep_killed_halfway_keeps_its_finished_runs_and_completes_when_run_a
         assert f"{run} finished before: skipping it" in again.stdout + again.stderr
     seeds = sorted(json.loads((run / "summary.json").read_text())["trial_seed"] for run in runs)
     assert seeds == [0, 1, 2]
+
+    # ckpt_path=last does not change a job's directory: the finished sweep is skipped whole.
+    last = subprocess.run(
+        [*command, "ckpt_path=last"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert last.returncode == 0, last.stderr[-4000:]
+    assert sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra") == runs
+    assert (last.stdout + last.stderr).count("finished before: skipping it") == 3

@@ -14,7 +14,7 @@ import lightning as L
 import wandb
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, instantiate, to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -30,8 +30,8 @@ from genie_dg.sweep import (
     DONE_MARKER,
     LAST_CHECKPOINT,
     RESUME_KEY_FILE,
-    latest_unfinished_run,
-    resume_key,
+    latest_run,
+    run_key,
     sample_hparams,
     searched_hparams,
     sweep_group,
@@ -143,6 +143,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return summary
     prepare_output_dir(output_dir)
     output_dir, ckpt_path = resume_point(cfg, output_dir)
+    if (output_dir / DONE_MARKER).is_file():
+        log.info("ckpt_path=last: the newest run of this config, in %s, finished: nothing to resume", output_dir)
+        summary = json.loads((output_dir / "summary.json").read_text())
+        print_summary(summary)
+        return summary
     sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -181,38 +186,41 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
     """The run directory to train in and the checkpoint to resume from.
 
     - ``ckpt_path=null``: this directory's own ``last.ckpt`` if an earlier start left one.
-    - ``ckpt_path=last``: that, or else the newest unfinished run of the same config (same
-      :func:`~genie_dg.sweep.resume_key`) among this directory's siblings, e.g. an earlier
+    - ``ckpt_path=last``: that, or else the newest run of the same config (same
+      :func:`~genie_dg.sweep.run_key`) among this directory's siblings, e.g. an earlier
       ``python train.py ...`` that Hydra gave another time-stamped directory. Training then
       continues in that directory (``paths.output_dir`` is pointed there), so its records and
       checkpoints stay in one place; this directory keeps Hydra's files and a ``continued_in``
-      note. With no such run it starts from scratch.
-    - any other value: that checkpoint file, which must exist.
+      note. If that run finished, :func:`train` reports it and trains nothing. With no such run
+      it starts from scratch.
+    - any other value: that checkpoint file (relative to where the command was started), which
+      must exist.
     """
-    key = resume_key(cfg)
+    key = run_key(cfg)
     (output_dir / RESUME_KEY_FILE).write_text(key)
     ckpt_path = cfg.get("ckpt_path")
     own = output_dir / LAST_CHECKPOINT
     if ckpt_path not in (None, "last"):
-        if not Path(ckpt_path).is_file():
+        path = Path(to_absolute_path(str(ckpt_path)))
+        if not path.is_file():
             raise UserInputError(
                 f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
-                "or ckpt_path=last to continue the newest unfinished run of this config"
+                "or ckpt_path=last to continue the newest run of this config"
             )
-        return output_dir, str(ckpt_path)
+        return output_dir, str(path)
     if own.is_file():
         log.info("resuming the unfinished run from %s", own)
         return output_dir, str(own)
     if ckpt_path is None:
         return output_dir, None
-    earlier = latest_unfinished_run(output_dir.parent, key, exclude=output_dir)
+    earlier = latest_run(output_dir.parent, key, exclude=output_dir)
     if earlier is None:
-        log.warning(
-            "ckpt_path=last: no unfinished run of this config under %s; starting from scratch", output_dir.parent
-        )
+        log.warning("ckpt_path=last: no earlier run of this config under %s; starting from scratch", output_dir.parent)
         return output_dir, None
-    log.info("ckpt_path=last: continuing the unfinished run in %s", earlier)
-    (output_dir / "continued_in").write_text(f"{earlier}\n")
+    prepare_output_dir(earlier)
+    if not (earlier / DONE_MARKER).is_file():
+        log.info("ckpt_path=last: continuing the unfinished run in %s", earlier)
+        (output_dir / "continued_in").write_text(f"{earlier}\n")
     with open_dict(cfg):
         cfg.paths.output_dir = str(earlier)
     return earlier, str(earlier / LAST_CHECKPOINT)

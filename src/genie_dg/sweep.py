@@ -39,7 +39,7 @@ from genie_dg.errors import UserInputError
 
 DONE_MARKER = "done"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# Holds the run's resume_key, so `ckpt_path=last` can find earlier runs of the same config.
+# Holds the run's run_key, so `ckpt_path=last` can find earlier runs of the same config.
 RESUME_KEY_FILE = "resume_key"
 DISTRIBUTIONS = ("uniform", "log10_uniform", "pow2_uniform", "choice")
 # Parts of the config that say where things are written, not what a run computes.
@@ -103,8 +103,14 @@ def sample_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_key(cfg: DictConfig) -> str:
-    """A 12-hex-digit hash of the resolved config, leaving out :data:`NOT_IN_RUN_KEY`."""
+    """A 12-hex-digit hash of the resolved config, leaving out :data:`NOT_IN_RUN_KEY`.
+
+    ``ckpt_path`` counts as null: where a run resumes from changes nothing it computes, so a
+    job started again with ``ckpt_path=last`` finds its own directory (the key of a config
+    with ``ckpt_path: null``, as every sweep writes, is unchanged by this rule)."""
     kept = {key: node for key, node in cfg.items_ex(resolve=False) if key not in NOT_IN_RUN_KEY}
+    if "ckpt_path" in kept:
+        kept["ckpt_path"] = None
     # Interpolations into paths (checkpoint folders...) resolve to the path's name, not its value.
     kept["paths"] = {name: f"<paths.{name}>" for name in cfg.get("paths") or {}}
     resolved = OmegaConf.to_container(OmegaConf.create(kept), resolve=True)
@@ -113,29 +119,22 @@ def run_key(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def resume_key(cfg: DictConfig) -> str:
-    """:func:`run_key` of the config as started without ``ckpt_path``: the same for every start
-    of one run, whether it resumes or not."""
-    with open_dict(cfg):
-        saved = cfg.get("ckpt_path")
-        cfg.ckpt_path = None
-        try:
-            return run_key(cfg)
-        finally:
-            cfg.ckpt_path = saved
-
-
-def latest_unfinished_run(runs_dir: Path, key: str, exclude: Path | None = None) -> Path | None:
-    """The directory under ``runs_dir`` whose :data:`RESUME_KEY_FILE` holds ``key``, which has a
-    last checkpoint and no :data:`DONE_MARKER`, with the newest checkpoint; None if there is none."""
+def latest_run(runs_dir: Path, key: str, exclude: Path | None = None) -> Path | None:
+    """The directory under ``runs_dir`` whose :data:`RESUME_KEY_FILE` holds ``key`` and which has a
+    last checkpoint, with the newest checkpoint (finished or not); None if there is none.
+    Directories this user cannot read are passed over."""
     found = []
-    for run in runs_dir.iterdir() if runs_dir.is_dir() else ():
-        marker = run / RESUME_KEY_FILE
-        if run == exclude or not marker.is_file() or (run / DONE_MARKER).exists():
+    try:
+        runs = list(runs_dir.iterdir()) if runs_dir.is_dir() else []
+    except OSError:
+        runs = []
+    for run in runs:
+        try:
+            marker, checkpoint = run / RESUME_KEY_FILE, run / LAST_CHECKPOINT
+            if run != exclude and marker.is_file() and checkpoint.is_file() and marker.read_text().strip() == key:
+                found.append((checkpoint.stat().st_mtime, str(run)))
+        except OSError:
             continue
-        checkpoint = run / LAST_CHECKPOINT
-        if checkpoint.is_file() and marker.read_text().strip() == key:
-            found.append((checkpoint.stat().st_mtime, str(run)))
     return Path(max(found)[1]) if found else None
 
 

@@ -798,3 +798,13 @@ def test_float16_autocast_with_grad_scaler_skips_overflowing_steps():
     assert all(st["m"].dtype == torch.float32 and torch.isfinite(st["s"]).all() for st in opt.state.values())
     assert float(next(iter(opt.state.values()))["step"]) == 40 - skipped
     assert losses[-1] < losses[skipped] - 0.02
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_an_empty_parameter_is_stepped_without_error(foreach):
+    params = [torch.ones(0, requires_grad=True), torch.ones(3, requires_grad=True)]
+    opt = GENIE(params, lr=0.1, foreach=foreach, seed=0)
+    for _ in range(3):
+        params[0].grad, params[1].grad = torch.ones(0), torch.full((3,), 2.0)
+        opt.step()
+    assert float(opt.state[params[0]]["step"]) == 3 and torch.isfinite(params[1]).all()

@@ -169,18 +169,62 @@ def test_trains_the_default_experiment_through_lightning(short_run_config):
     assert loss() < before - 0.02
 
 
-def test_a_missing_compiler_is_a_clear_error_that_changes_nothing(monkeypatch):
+def test_a_missing_compiler_is_a_clear_error_that_changes_nothing():
     import torch._inductor.config as inductor_config
 
     from genie_dg.errors import UserInputError
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     param = torch.randn(5, 7, requires_grad=True)  # a shape no other test compiles
     before = param.detach().clone()
     opt = GENIE([param], lr=0.1, compiled=True)
     param.grad = torch.ones(5, 7)
-    with pytest.raises(UserInputError, match=r"could not compile.*C\+\+ compiler.*optimizer.compiled=false"):
+    no_compiler = {"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}
+    with inductor_config.patch(no_compiler), pytest.raises(UserInputError, match=r"could not compile.*C\+\+ compiler"):
         opt.step()
     assert torch.equal(param.detach(), before)
     assert float(opt.state[param]["step"]) == 0 and not opt.state[param]["m"].any()
+
+
+def test_mixed_dtypes_eps_zero_and_empty_tensors_match_the_eager_step():
+    """One group of float64, float32 and empty tensors with eps = 0 and zero gradients: each
+    dtype gets its own kernel (so its own floor), and nothing turns into NaN."""
+
+    def make():
+        return [
+            torch.ones(4, dtype=torch.float64, requires_grad=True),
+            torch.ones(3, requires_grad=True),
+            torch.ones(0, requires_grad=True),
+        ]
+
+    eager, fused = make(), make()
+    opt_e = GENIE(eager, lr=0.1, eps=0.0, mask=False, seed=2, foreach=False)
+    opt_c = GENIE(fused, lr=0.1, eps=0.0, mask=False, seed=2, compiled=True)
+    for k in range(3):
+        for group in (eager, fused):
+            for q in group:
+                q.grad = torch.zeros_like(q) if k < 2 else torch.full_like(q, 0.5)
+        opt_e.step()
+        opt_c.step()
+    for a, b in zip(eager, fused):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_p_next_to_one_still_steps():
+    param = torch.ones(6, requires_grad=True)
+    opt = GENIE([param], lr=0.1, p=1 - 2.0**-26, compiled=True, noise=False)
+    param.grad = torch.ones(6)
+    opt.step()
+    assert torch.isfinite(param).all()
+
+
+def test_loading_a_checkpoint_keeps_this_optimizers_implementation():
+    params = _params()
+    compiled = GENIE(params, lr=0.1, seed=7, compiled=True)
+    _train(params, compiled, 1)
+    eager = GENIE(params, lr=0.1, seed=7, foreach=False)
+    eager.load_state_dict(compiled.state_dict())
+    assert eager.param_groups[0]["compiled"] is False and eager.param_groups[0]["foreach"] is False
+    back = GENIE(params, lr=0.1, seed=7, compiled=True)
+    back.load_state_dict(eager.state_dict())
+    assert back.param_groups[0]["compiled"] is True

@@ -124,7 +124,8 @@ class GENIE(Optimizer):
     the kernel as tensors, so learning-rate schedules do not recompile. The
     mask cannot come from a per-coordinate draw of the CPU generator inside a
     compiled loop, so this path keeps coordinate ``j`` when
-    ``h(key, j) >= round(p * 2**24)`` with ``h`` a 24-bit SplitMix64 hash and
+    ``h(key, j) >= round(p * 2**24)`` with ``h`` a 24-bit integer hash (two rounds of a
+    32-bit xor-shift-multiply mixer) and
     ``key`` one 64-bit integer per tensor and step drawn from the optimizer's
     generator (so replicas still agree and the state still round-trips); kept
     coordinates are rescaled by ``2**24 / (2**24 - round(p * 2**24))``, which
@@ -247,7 +248,11 @@ class GENIE(Optimizer):
         gen_states = state_dict.pop("generator_states", None)
         seed = state_dict.pop("genie_seed", None)
         saved_state = state_dict.get("state", {})
+        # How to compute (compiled, foreach) is this process's choice, not the checkpoint's.
+        implementation = [(g["compiled"], g["foreach"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, (compiled, foreach) in zip(self.param_groups, implementation):
+            group["compiled"], group["foreach"] = compiled, foreach
         # torch casts floating state to the parameter dtype; bf16/fp16
         # parameters keep float32 moments, so restore them at full precision.
         index = 0
@@ -570,6 +575,8 @@ def _guard(x: Tensor, floor: float) -> Tensor:
     """
     if x.device.type != "cpu":
         return torch.where((x > 0) & (x < math.inf), x, floor)
+    if x.numel() == 0:
+        return x
     lo, hi = torch.aminmax(x)
     if lo.item() > 0.0 and hi.item() < math.inf:  # NaN fails both
         return x
@@ -876,8 +883,9 @@ _compiled_kernel: Callable[..., Tensor] | None = None
 
 
 def _mask_threshold(p: float) -> int:
-    """Coordinates whose 24-bit hash is below this are dropped (probability ~ p)."""
-    return round(p * (1 << _MASK_BITS))
+    """Coordinates whose 24-bit hash is below this are dropped (probability ~ p); at most
+    2**24 - 1, so a p within 2**-25 of 1 still keeps a coordinate now and then."""
+    return min(round(p * (1 << _MASK_BITS)), (1 << _MASK_BITS) - 1)
 
 
 def _mix32(x: Tensor, a: int, b: int) -> Tensor:
@@ -1002,7 +1010,52 @@ def _compiled_genie(
     devices = {q.device for q in params}
     if len(devices) != 1:
         raise RuntimeError("GENIE(compiled=True) needs every parameter of a group on one device")
-    device = devices.pop()
+    # One kernel per state dtype: its scalars (eps's floor above all) are in that dtype.
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, m in enumerate(ms):
+        by_dtype.setdefault(m.dtype, []).append(i)
+    for idx in by_dtype.values():
+        _compiled_same_dtype(
+            *([x[i] for i in idx] for x in (params, grads, ms, ss, steps)),
+            device=next(iter(devices)),
+            generator_for=generator_for,
+            lr=lr,
+            beta=beta,
+            p=p,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            eps=eps,
+            variant=variant,
+            preconditioning=preconditioning,
+            noise=noise,
+            mask=mask,
+            noise_std=noise_std,
+            maximize=maximize,
+        )
+
+
+def _compiled_same_dtype(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    ss: list[Tensor],
+    steps: list[Tensor],
+    *,
+    device: torch.device,
+    generator_for: Callable[[torch.device], torch.Generator],
+    lr: float,
+    beta: float,
+    p: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    eps: float,
+    variant: str,
+    preconditioning: bool,
+    noise: bool,
+    mask: bool,
+    noise_std: float,
+    maximize: bool,
+) -> None:
     torch._foreach_add_(steps, 1.0)
     live = [i for i, q in enumerate(params) if q.numel() > 0]
     if not live:
@@ -1042,6 +1095,13 @@ def _compiled_genie(
             maximize=maximize,
             weight_decay=wd_mode,
         )
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+        torch._foreach_add_(steps, -1.0)
+        raise UserInputError(
+            "GENIE(compiled=True) needs one compiled graph per set of tensors in a group (parameters "
+            "without a gradient this step count too) and dynamo's limit is reached; raise "
+            "torch._dynamo.config.recompile_limit, or set optimizer.compiled=false"
+        ) from err
     except torch._dynamo.exc.BackendCompilerFailed as err:
         # Compilation fails before the kernel writes anything: undo the step count.
         torch._foreach_add_(steps, -1.0)

@@ -994,18 +994,7 @@ def _compiled_genie(
     steps: list[Tensor],
     *,
     generator_for: Callable[[torch.device], torch.Generator],
-    lr: float,
-    beta: float,
-    p: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    eps: float,
-    variant: str,
-    preconditioning: bool,
-    noise: bool,
-    mask: bool,
-    noise_std: float,
-    maximize: bool,
+    **hparams: Any,
 ) -> None:
     devices = {q.device for q in params}
     if len(devices) != 1:
@@ -1019,18 +1008,7 @@ def _compiled_genie(
             *([x[i] for i in idx] for x in (params, grads, ms, ss, steps)),
             device=next(iter(devices)),
             generator_for=generator_for,
-            lr=lr,
-            beta=beta,
-            p=p,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            eps=eps,
-            variant=variant,
-            preconditioning=preconditioning,
-            noise=noise,
-            mask=mask,
-            noise_std=noise_std,
-            maximize=maximize,
+            **hparams,
         )
 
 

@@ -221,3 +221,17 @@ def test_a_sweep_killed_halfway_keeps_its_finished_runs_and_completes_when_run_a
     assert last.returncode == 0, last.stderr[-4000:]
     assert sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra") == runs
     assert (last.stdout + last.stderr).count("finished before: skipping it") == 3
+
+
+def test_a_requeued_run_started_from_a_file_continues_from_its_own_last_checkpoint(small_run, make_config, tmp_path):
+    from genie_dg.pipeline import resume_point
+
+    start_file = tmp_path / "pretrained.ckpt"
+    start_file.write_bytes(b"")
+    cfg = make_config(*small_run, *RUN, f"ckpt_path={start_file}")
+    run = Path(cfg.paths.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    assert resume_point(cfg, run) == (run, str(start_file))
+    (run / LAST_CHECKPOINT).parent.mkdir(parents=True)
+    (run / LAST_CHECKPOINT).write_bytes(b"")
+    assert resume_point(cfg, run) == (run, str(run / LAST_CHECKPOINT))

@@ -185,7 +185,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
     """The run directory to train in and the checkpoint to resume from.
 
-    - ``ckpt_path=null``: this directory's own ``last.ckpt`` if an earlier start left one.
+    - this directory's own ``last.ckpt`` if an earlier start left one, whatever ``ckpt_path``
+      says (a job requeued after starting from a file continues, not starts over).
     - ``ckpt_path=last``: that, or else the newest run of the same config (same
       :func:`~genie_dg.sweep.run_key`) among this directory's siblings, e.g. an earlier
       ``python train.py ...`` that Hydra gave another time-stamped directory. Training then
@@ -194,7 +195,7 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
       note. If that run finished, :func:`train` reports it and trains nothing. With no such run
       it starts from scratch.
     - any other value: that checkpoint file (relative to where the command was started), which
-      must exist.
+      must exist, when the directory has no ``last.ckpt`` yet.
     """
     key = run_key(cfg)
     (output_dir / RESUME_KEY_FILE).write_text(key)
@@ -207,10 +208,12 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
                 f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
                 "or ckpt_path=last to continue the newest run of this config"
             )
-        return output_dir, str(path)
     if own.is_file():
+        # Also over an explicit ckpt_path: a requeued job has moved past the file it started from.
         log.info("resuming the unfinished run from %s", own)
         return output_dir, str(own)
+    if ckpt_path not in (None, "last"):
+        return output_dir, str(path)
     if ckpt_path is None:
         return output_dir, None
     earlier = latest_run(output_dir.parent, key, exclude=output_dir)

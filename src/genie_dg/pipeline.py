@@ -138,16 +138,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     if (output_dir / DONE_MARKER).is_file():
         log.info("%s finished before: skipping it", output_dir)
-        summary = json.loads((output_dir / "summary.json").read_text())
-        print_summary(summary)
-        return summary
+        return finished_summary(output_dir)
     prepare_output_dir(output_dir)
     output_dir, ckpt_path = resume_point(cfg, output_dir)
     if (output_dir / DONE_MARKER).is_file():
         log.info("ckpt_path=last: the newest run of this config, in %s, finished: nothing to resume", output_dir)
-        summary = json.loads((output_dir / "summary.json").read_text())
-        print_summary(summary)
-        return summary
+        return finished_summary(output_dir)
     sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -178,6 +174,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 logger.experiment.finish()
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (output_dir / DONE_MARKER).touch()
+    print_summary(summary)
+    return summary
+
+
+def finished_summary(output_dir: Path) -> dict[str, Any]:
+    """The saved summary of the finished run in ``output_dir``, printed as at its end."""
+    summary = json.loads((output_dir / "summary.json").read_text())
     print_summary(summary)
     return summary
 

@@ -590,6 +590,13 @@ def _lam_min(lam: Tensor) -> Tensor:
     return lam.amin() if lam.numel() else lam.new_ones(())
 
 
+def _noise_scale(direction: Tensor, lam: Tensor) -> float:
+    """The reference variant's per-tensor noise scale ``sum(|d|) / max(sum(lam), tiny)`` with
+    ``d = lam * psi * m_hat`` (one host read)."""
+    num, den = torch.stack([torch.linalg.vector_norm(direction, 1), torch.linalg.vector_norm(lam, 1)]).tolist()
+    return num / max(den, torch.finfo(lam.dtype).tiny)
+
+
 def _prepare_grad(theta: Tensor, grad: Tensor, *, maximize: bool, weight_decay: float, decoupled: bool) -> Tensor:
     g = grad if grad.dtype == theta.dtype else grad.to(theta.dtype)
     if maximize:
@@ -676,8 +683,7 @@ def _single_tensor_genie(
             if noise and _lam_min(lam).item() < 1.0:
                 if pre is None:
                     pre = pl.mul_(mh)
-                num, den = torch.stack([torch.linalg.vector_norm(pre, 1), torch.linalg.vector_norm(lam, 1)]).tolist()
-                noise_value = num / max(den, torch.finfo(lam.dtype).tiny)
+                noise_value = _noise_scale(pre, lam)
                 oml = torch.rsub(lam, 1.0)
         else:
             m2 = m.mul(m)
@@ -1100,10 +1106,7 @@ def _compiled_same_dtype(
         t = int(steps[i].item())
         _, precond, lam = _stats_terms(ms[j], ss[j], t, hp)
         if variant == "reference":
-            mh = ms[j] * _bias_scalars(beta, t)[0]
-            num = float(torch.linalg.vector_norm(precond.mul_(mh), 1))
-            den = float(torch.linalg.vector_norm(lam, 1))
-            amplitude = num / max(den, torch.finfo(lam.dtype).tiny)
+            amplitude = _noise_scale(precond.mul_(ms[j] * _bias_scalars(beta, t)[0]), lam)
         else:
             amplitude = noise_std
         xi = torch.randn(params[j].shape, generator=gen, dtype=sdtype, device=device)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import open_dict
 
 from genie_dg.errors import UserInputError
-from genie_dg.pipeline import build, train
+from genie_dg.pipeline import build, prepare_output_dir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,6 +148,20 @@ def test_unwritable_run_directory_fails_at_start_with_the_fix(make_config, small
     with pytest.raises(UserInputError, match="cannot write the run directory.*paths.log_dir"):
         train(cfg)
     assert blocker.read_text().startswith("a file"), "nothing of the user's is touched"
+
+
+def test_sweeps_started_side_by_side_share_a_sweep_dir(tmp_path):
+    """Two multiruns into one hydra.sweep.dir prove it writable at the same moment; a shared
+    probe file name made one of them fail (the other had just removed it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prove(_: int) -> None:
+        for _ in range(200):
+            prepare_output_dir(tmp_path / "sweep")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(prove, range(4)))
+    assert list((tmp_path / "sweep").iterdir()) == []
 
 
 @pytest.mark.parametrize("mode, key", [((), "hydra.run.dir"), (("-m",), "hydra.sweep.dir")], ids=["run", "multirun"])

@@ -7,6 +7,7 @@ import json
 import logging
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -255,11 +256,12 @@ class WritableOutputCheck(Callback):
 def prepare_output_dir(output_dir: Path) -> None:
     """Create the run directory and prove it writable before any work, so an unwritable path
     or a full disk fails at start rather than at the first checkpoint."""
-    probe = output_dir / ".write_probe"
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        # A unique name: sweeps started side by side share hydra.sweep.dir.
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_probe") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
     except OSError as err:
         raise UserInputError(
             f"cannot write the run directory {output_dir} ({err.strerror or err}); free disk space "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genie_dg.optim import GENIE
-from genie_dg.optim.genie import _compiled_mask, _mask_threshold
+from genie_dg.optim.genie import _compiled_mask, _mask_threshold, _tanh_nonnegative
 
 SHAPES = [(8, 4), (16,), (3, 3, 2)]
 
@@ -92,6 +92,16 @@ def test_hash_mask_drops_a_fraction_p_independently_per_key():
     assert abs((a[1:] == a[:-1]).float().mean().item() - 0.58) < 0.01
     high = _compiled_mask(param, torch.tensor(12345 + (1 << 40)), thr)
     assert abs((a == high).float().mean().item() - 0.58) < 0.01
+
+
+def test_kernel_tanh_is_within_two_float32_ulps_of_torch_tanh():
+    x = torch.cat([torch.zeros(1), torch.logspace(-30, 2, 200_001), torch.tensor([1e30, float("inf")])])
+    got, want = _tanh_nonnegative(x), torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * want.clamp(min=torch.finfo(torch.float32).tiny)
+    assert ((got.double() - want).abs() <= 2 * ulp).all()
+    assert torch.equal(_tanh_nonnegative(torch.tensor([9.5, 10.0])), torch.ones(2))  # lam = 1: no noise
+    x64 = x.double()
+    assert torch.equal(_tanh_nonnegative(x64), torch.tanh(x64))
 
 
 def test_resume_from_state_dict_is_bit_identical():

@@ -16,8 +16,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     WANDB_MODE=offline
 
+# g++: torch.compile's CPU kernels (optimizer.compiled=true) are C++ that inductor compiles at run
+# time. apt versions are not pinned (Debian's security updates replace them in place, so a pin
+# would break the build); the base image tag is the pin.
 # uid 1000: files the runs write into a mounted logs/ belong to the usual first user of the host.
-RUN groupadd --gid 1000 genie \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 1000 genie \
     && useradd --create-home --uid 1000 --gid genie genie \
     && python -m venv /opt/venv \
     && pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 --index-url "${TORCH_INDEX_URL}"

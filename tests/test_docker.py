@@ -254,6 +254,12 @@ def test_torch_pins_match_pyproject(name):
         assert re.search(rf"(?<![\w-]){re.escape(pin)}(?![\w.+])", install), f"{name} does not install {pin}"
 
 
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_has_the_cxx_compiler_compiled_genie_needs(name):
+    installs = " ".join(args for keyword, args in final_stage(name) if keyword == "RUN" and "apt-get install" in args)
+    assert re.search(r"(?<![\w-])g\+\+(?![\w-])", installs), f"{name}: optimizer.compiled=true needs g++ (inductor's CPU kernels)"
+
+
 def test_cpu_image_takes_cpu_wheels():
     urls = re.findall(r"--index-url[ =](\S+)", torch_install("Dockerfile").replace('"', ""))
     assert urls == [f"{TORCH_INDEX}cpu"], f"Dockerfile: the CPU image needs {TORCH_INDEX}cpu, not {urls}"

@@ -64,4 +64,4 @@ def test_ddp_cpu_replicas_stay_bitwise_identical(small_run, tmp_path):
     rank0 = (out / "rank0.txt").read_text().split()
     rank1 = (out / "rank1.txt").read_text().split()
     assert rank0[1:3] == ["4", "2"], "four steps on a world of two"
-    assert rank0[0] == rank1[0], "parameters and GENIE generator state differ between ranks"
+    assert rank0[0] == rank1[0], "parameters, algorithm buffers or GENIE generator state differ between ranks"

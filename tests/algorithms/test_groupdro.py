@@ -61,3 +61,31 @@ def test_groupdro_trains_and_checkpoints_its_domain_weights(train_algorithm, sav
     state = saved_state(trainer)
     assert torch.equal(state["algorithm.q"], q)
     assert int(state["algorithm.update_count"]) == 3
+
+
+def _replica(rank: int, init_file: str, eta: float, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        y = torch.tensor([0, 1, 0, 1, 1, 0])
+        gen = torch.Generator().manual_seed(rank)  # every replica sees other examples
+        batches = [DomainBatch(torch.randn(6, 3, generator=gen) * (d + 1), y, d) for d in range(3)]
+        dro = GroupDRO(2, 3, 3, groupdro_eta=eta)
+        dro.training_loss(net, batches)
+        risks = torch.stack([F.cross_entropy(net(b.x), b.y) for b in batches]).detach()
+        torch.save({"q": dro.q, "risks": risks}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_groupdro_replicas_weight_domains_by_the_risks_of_the_whole_batch(tmp_path):
+    """Under DDP each replica's risks come from its own shard; q must follow their mean, as
+    on one device with the whole batch (DDP would otherwise broadcast rank 0's q)."""
+    eta = 0.5
+    torch.multiprocessing.spawn(_replica, args=(str(tmp_path / "init"), eta, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.allclose(r0["risks"], r1["risks"])
+    expected = torch.softmax(eta * (r0["risks"] + r1["risks"]) / 2, 0)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["q"], expected)

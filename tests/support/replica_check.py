@@ -14,7 +14,9 @@ class ReplicaDigest(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         digest = hashlib.sha256()
-        for tensor in pl_module.network.state_dict().values():
+        # The algorithm's buffers too (GroupDRO's q, ...): replicas must agree on them as well.
+        tensors = [*pl_module.network.state_dict().values(), *pl_module.algorithm.buffers()]
+        for tensor in tensors:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         optimizer_state = trainer.optimizers[0].state_dict()
         for key in sorted(optimizer_state.get("generator_states", {})):

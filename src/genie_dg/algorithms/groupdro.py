@@ -19,7 +19,9 @@ class GroupDRO(DGAlgorithm):
     As DomainBed's ``GroupDRO``: each domain's risk comes from its own forward pass, ``q``
     starts uniform, and the step's loss uses the weights already updated with this step's
     (detached) risks. ``q`` is a buffer, so it is checkpointed, and it is updated once per
-    training step even when a closure-based optimizer evaluates the loss twice. With a single
+    training step even when a closure-based optimizer evaluates the loss twice. Under DDP the
+    risks that update ``q`` are averaged over the replicas first, so every replica keeps the
+    same ``q`` (that of the whole batch, as on one device). With a single
     domain (``allow_degenerate=true``) ``q = [1]``, which is ERM.
     """
 
@@ -50,9 +52,18 @@ class GroupDRO(DGAlgorithm):
         step = int(self.update_count)
         if self._q_updated_at_step != step:
             self._q_updated_at_step = step
-            weights = self.q * torch.exp(self.groupdro_eta * risks.detach())
+            weights = self.q * torch.exp(self.groupdro_eta * _global_mean(risks.detach()))
             self.q.copy_(weights / weights.sum())
         loss = torch.dot(risks, self.q)
         metrics = {"classification_loss": risks.mean().detach(), "worst_domain_loss": risks.max().detach()}
         metrics.update({f"groupdro_q_domain{b.domain}": w for b, w in zip(batches, self.q.detach().clone())})
         return AlgorithmOutput(loss, metrics)
+
+
+def _global_mean(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the processes of a running ``torch.distributed`` job."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    total = values.clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()

@@ -205,19 +205,18 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
     (output_dir / RESUME_KEY_FILE).write_text(key)
     ckpt_path = cfg.get("ckpt_path")
     own = output_dir / LAST_CHECKPOINT
-    if ckpt_path not in (None, "last"):
-        path = Path(to_absolute_path(str(ckpt_path)))
-        if not path.is_file():
-            raise UserInputError(
-                f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
-                "or ckpt_path=last to continue the newest run of this config"
-            )
+    explicit = None if ckpt_path in (None, "last") else Path(to_absolute_path(str(ckpt_path)))
+    if explicit is not None and not explicit.is_file():
+        raise UserInputError(
+            f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
+            "or ckpt_path=last to continue the newest run of this config"
+        )
     if own.is_file():
         # Also over an explicit ckpt_path: a requeued job has moved past the file it started from.
         log.info("resuming the unfinished run from %s", own)
         return output_dir, str(own)
-    if ckpt_path not in (None, "last"):
-        return output_dir, str(path)
+    if explicit is not None:
+        return output_dir, str(explicit)
     if ckpt_path is None:
         return output_dir, None
     earlier = latest_run(output_dir.parent, key, exclude=output_dir)

@@ -20,7 +20,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         # What a sweeper (hparams_search=optuna) optimises: training-domain validation accuracy,
         # never the target domain's.
-        return train(cfg)["source_acc"]
+        summary = train(cfg)
+        # None: another process is training this run (a sweep started beside this one).
+        return None if summary is None else summary["source_acc"]
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

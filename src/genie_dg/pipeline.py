@@ -8,6 +8,7 @@ import logging
 import pickle
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from genie_dg.sweep import (
     RESUME_KEY_FILE,
     latest_run,
     run_key,
+    run_lock,
     sample_hparams,
     searched_hparams,
     sweep_group,
@@ -129,11 +131,12 @@ def instantiate_logger(node: DictConfig, identity: RunIdentity) -> Any:
     )
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, select the checkpoint by training-domain validation, test it, report and save.
 
     A run directory that holds the :data:`~genie_dg.sweep.DONE_MARKER` is not run again (its
-    summary is returned); one that holds a last checkpoint but no marker resumes from it.
+    summary is returned); one that holds a last checkpoint but no marker resumes from it; one
+    that another process is training (:func:`~genie_dg.sweep.run_lock`) is left to it (None).
     Searched hyper-parameters are first replaced by their draws for ``hparams_seed``.
     """
     output_dir = Path(cfg.paths.output_dir)
@@ -141,10 +144,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s finished before: skipping it", output_dir)
         return finished_summary(output_dir)
     prepare_output_dir(output_dir)
-    output_dir, ckpt_path = resume_point(cfg, output_dir)
-    if (output_dir / DONE_MARKER).is_file():
-        log.info("ckpt_path=last: the newest run of this config, in %s, finished: nothing to resume", output_dir)
-        return finished_summary(output_dir)
+    with ExitStack() as locks:
+        holder = locks.enter_context(run_lock(output_dir))
+        if holder is None:
+            resumed_dir, ckpt_path = resume_point(cfg, output_dir)
+            if resumed_dir != output_dir:
+                output_dir = resumed_dir
+                holder = locks.enter_context(run_lock(output_dir))
+        if holder is not None:
+            log.warning("%s is being trained by another process (pid %s): leaving it to that one", output_dir, holder)
+            return None
+        # Checked again under the lock: another process may have finished it since the first look.
+        if (output_dir / DONE_MARKER).is_file():
+            log.info("%s finished before: skipping it", output_dir)
+            return finished_summary(output_dir)
+        return _train_in(cfg, output_dir, ckpt_path)
+
+
+def _train_in(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
     sample_hparams(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))

@@ -20,13 +20,18 @@ resolved config without ``paths``, ``logger`` and ``hydra`` (where files go and 
 logged change nothing a run computes). Re-running a sweep therefore finds each job's earlier
 directory: :data:`DONE_MARKER` there means the job finished and is skipped, and
 ``checkpoints/last.ckpt`` without it means the job was interrupted and resumes from there.
+A process training in a directory holds :func:`run_lock` on it, so sweeps started side by side
+over the same jobs share them out instead of training one job twice into the same files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ DONE_MARKER = "done"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Holds the run's run_key, so `ckpt_path=last` can find earlier runs of the same config.
 RESUME_KEY_FILE = "resume_key"
+RUN_LOCK_FILE = ".run_lock"
 DISTRIBUTIONS = ("uniform", "log10_uniform", "pow2_uniform", "choice")
 # Parts of the config that say where things are written, not what a run computes.
 NOT_IN_RUN_KEY = ("hydra", "paths", "logger")
@@ -117,6 +123,29 @@ def run_key(cfg: DictConfig) -> str:
     del resolved["paths"]
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[str | None]:
+    """Hold an exclusive lock on ``run_dir`` for the block. Yields None when this process holds
+    it, or else the holder's pid (as written in the lock file) and holds nothing.
+
+    ``flock``: the kernel drops the lock when its holder exits, however it exits, so a killed
+    run never leaves a stale lock behind for the next sweep to trip on."""
+    with open(run_dir / RUN_LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            yield lock.read().strip() or "unknown"
+            return
+        try:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            yield None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def latest_run(runs_dir: Path, key: str, exclude: Path | None = None) -> Path | None:

@@ -162,3 +162,69 @@ def test_a_sweep_run_again_skips_finished_jobs_and_no_file_holds_the_api_key(tmp
 
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def _hold_run_lock(run: Path) -> subprocess.Popen:
+    """Another process holding ``run``'s lock, as a sweep started beside this one would."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from genie_dg.sweep import run_lock\n"
+            "with run_lock(Path(sys.argv[1])) as holder:\n"
+            "    assert holder is None\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_another_process_is_training_is_left_to_it_and_runs_once_that_process_is_gone(
+    small_run, make_config, tmp_path, caplog
+):
+    cfg = make_config(*small_run, *TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = _hold_run_lock(run)
+    try:
+        with caplog.at_level(logging.WARNING, logger="genie_dg.pipeline"):
+            assert train(cfg) is None
+        assert f"{run} is being trained by another process (pid {holder.pid})" in caplog.text
+        assert not (run / "checkpoints").exists() and not (run / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    # Killed, not cleanly exited: the kernel dropped its lock all the same.
+    summary = train(cfg)
+    assert summary is not None and (run / "done").is_file()
+    assert [r["step"] for r in _records(run)] == [2, 4]
+
+
+def test_a_run_that_finished_while_waiting_for_its_lock_is_not_trained_again(
+    small_run, make_config, tmp_path, monkeypatch
+):
+    from genie_dg.sweep import run_lock
+
+    cfg = make_config(*small_run, *TINY)
+    run = tmp_path / "run"
+    first = train(cfg)
+    records = (run / "results.jsonl").read_text()
+    # The first look at the done marker happens before the lock; a second look under it must see it.
+    with run_lock(run) as holder:
+        assert holder is None
+        with run_lock(run) as other:
+            assert other == str(os.getpid()), "a second holder in one process is refused too"
+    (run / "done").unlink()
+
+    def finish_first(run_dir):
+        (run_dir / "done").touch()
+        return run_lock(run_dir)
+
+    monkeypatch.setattr(pipeline, "run_lock", finish_first)
+    assert train(cfg) == first
+    assert (run / "results.jsonl").read_text() == records

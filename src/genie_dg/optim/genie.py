@@ -924,8 +924,9 @@ _TANH_POLY = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422
 def _tanh_nonnegative(x: Tensor) -> Tensor:
     """``tanh`` of a non-negative tensor, for the compiled kernel.
 
-    Inductor's CPU code calls Sleef's tanh, about 4x slower here than eager ``torch.tanh``
-    (which uses MKL); ``exp`` and a polynomial vectorise inline. Float64 keeps ``torch.tanh``:
+    Inductor's CPU code calls Sleef's tanh, about 3x slower here than this form compiled and 5x
+    slower than eager ``torch.tanh`` (``benchmarks/compiled_tanh.py``); ``exp`` and a polynomial
+    vectorise inline. Float64 keeps ``torch.tanh``:
     the polynomial is single-precision.
     """
     if x.dtype == torch.float64:

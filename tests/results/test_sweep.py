@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -140,3 +141,52 @@ def test_slurm_launcher_asks_for_a_gpu_per_task_and_multiruns_name_jobs_by_confi
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert (cfg.hydra.launcher.gpus_per_task, cfg.hydra.launcher.tasks_per_node) == (1, 1)
     assert cfg.hydra.sweep.subdir == run_key(cfg), "the job directory is the job config's hash"
+
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SWEEP_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("sweep_*.yaml"))
+
+
+def _domain_names(cfg) -> list[str]:
+    from genie_dg.data.mnist import COLOR_FLIP_PROBABILITIES, ROTATIONS
+
+    listed = cfg.dataset.dataset.get("domains")
+    if listed is not None:
+        return list(listed)
+    return {
+        "genie_dg.data.rotated_mnist": [f"rot{r}" for r in ROTATIONS],
+        "genie_dg.data.colored_mnist": list(COLOR_FLIP_PROBABILITIES),
+    }[cfg.dataset.dataset._target_]
+
+
+def test_every_named_dataset_has_a_sweep_experiment():
+    # image_folder is any tree of the user's: its domains are not known in advance.
+    datasets = {p.stem for p in (CONF / "dataset").glob("*.yaml")} - {"image_folder"}
+    assert {f"sweep_{name}" for name in datasets} == set(SWEEP_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", SWEEP_EXPERIMENTS)
+def test_a_dataset_sweep_covers_every_target_and_every_pair_as_domainbed_does(experiment):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _hydra_config(f"experiment={experiment}")
+    dataset = experiment.removeprefix("sweep_")
+    assert cfg.hydra.sweep.dir.endswith(f"sweeps/{dataset}"), "each dataset's sweep has its own directory"
+    assert cfg.dataset.target_holdout is True, "oracle selection needs the targets' held-out parts"
+    names = _domain_names(cfg)
+    sweeps = {
+        override.key_or_group: list(override.sweep_iterator())
+        for override in OverridesParser.create().parse_overrides(
+            [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+        )
+    }
+    targets = [
+        frozenset(names[d] if isinstance(d, int) else d for d in entry) for entry in sweeps["dataset.test_domains"]
+    ]
+    singles = {frozenset([name]) for name in names}
+    pairs = {frozenset(pair) for pair in itertools.combinations(names, 2)}
+    assert sorted(targets, key=sorted) == sorted(singles | pairs, key=sorted), "each target once"
+    assert sweeps["trial_seed"] == [0, 1, 2] and sweeps["hparams_seed"] == list(range(20))
+    if cfg.dataset.dataset.get("domains") is not None:
+        # Image datasets: DomainBed fine-tunes ImageNet weights for 5,000 steps.
+        assert cfg.backbone.pretrained is True and cfg.trainer.max_steps == 5000

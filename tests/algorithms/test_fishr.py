@@ -150,3 +150,39 @@ def test_fishr_trains_and_checkpoints_its_moving_averages(train_algorithm, saved
     state = saved_state(trainer)
     assert torch.equal(state["algorithm.variance_ema"], ema)
     assert int(state["algorithm.update_count"]) == 3
+
+
+def _replica(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        net = _network()
+        fishr = Fishr(2, 2, 3, fishr_lambda=10.0, fishr_penalty_anneal_iters=0, fishr_ema=0.5).double()
+        batches = _batches(seed=10 + rank)  # every replica sees other examples
+        out = fishr.training_loss(net, batches)
+        out.loss.backward()
+        grads = [p.grad for p in net.parameters()]
+        torch.save({"ema": fishr.variance_ema, "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fishr_replicas_keep_the_moving_average_of_the_whole_batch_and_its_gradient(tmp_path):
+    """Under DDP each replica's variances come from its shard. The moving average must follow
+    their mean on every replica, and the replicas' gradients, averaged as DDP does, must be
+    those of the penalty of that mean."""
+    torch.multiprocessing.spawn(_replica, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    net = _network()
+    shards = [_batches(seed=10 + rank) for rank in (0, 1)]
+
+    def variances(batches):
+        gradients = [_reference_head_gradients(net.head, net.features(b.x), b.y) for b in batches]
+        return torch.stack([((g - g.mean(0)) ** 2).mean(0) for g in gradients])
+
+    mean_variances = (variances(shards[0]) + variances(shards[1])) / 2
+    for r in (r0, r1):
+        torch.testing.assert_close(r["ema"], 0.5 * mean_variances.detach())
+    classification = sum(F.cross_entropy(net(torch.cat([b.x for b in s])), torch.cat([b.y for b in s])) for s in shards)
+    (classification / 2 + 10.0 * variance_distance(mean_variances)).backward()
+    for g0, g1, p in zip(r0["grads"], r1["grads"], net.parameters()):
+        torch.testing.assert_close((g0 + g1) / 2, p.grad)

@@ -127,6 +127,16 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
+def replica_mean(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the processes of a running ``torch.distributed`` job (a DDP run's
+    replicas), or ``values`` themselves outside one; detached either way."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values.detach()
+    total = values.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
+
+
 def hparam(value: Any, name: str, check: Callable[[Any], bool], expected: str, owner: str) -> Any:
     """Return ``value`` or raise a ``UserInputError`` naming ``algorithm.<name>`` and the range."""
     if not check(value):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch, hparam, replica_mean
 
 
 def head_gradients(features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,9 @@ class Fishr(AnnealedPenalty):
     (``lambda`` is a Python keyword); the moving averages are a buffer (``variance_ema``,
     one row per domain), so they are checkpointed, and they advance once per training step
     even when a closure-based optimizer evaluates the loss twice; before annealing the penalty is
-    computed without a graph (its weight is 0, so the gradients are unchanged). With a single
+    computed without a graph (its weight is 0, so the gradients are unchanged). Under DDP each
+    replica's variances come from its shard; they are averaged over the replicas before the moving
+    average, so every replica keeps the same one (DDP would broadcast rank 0's). With a single
     domain (``allow_degenerate=true``) the penalty is 0, which is ERM.
     """
 
@@ -111,6 +113,9 @@ class Fishr(AnnealedPenalty):
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
             gradients = head_gradients(features, logits, y).split([len(b.y) for b in batches])
             variances = torch.stack([gradient_variance(g) for g in gradients])
+            # Under DDP: the replicas' mean (so every replica's moving average stays the same), with
+            # the gradient through this replica's own share; DDP averages those gradients.
+            variances = variances + (replica_mean(variances) - variances.detach())
             penalty = variance_distance(self._smoothed_variances(variances))
         return AlgorithmOutput(
             classification + weight * penalty,

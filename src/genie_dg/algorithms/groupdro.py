@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, replica_mean
 
 
 class GroupDRO(DGAlgorithm):
@@ -52,18 +52,10 @@ class GroupDRO(DGAlgorithm):
         step = int(self.update_count)
         if self._q_updated_at_step != step:
             self._q_updated_at_step = step
-            weights = self.q * torch.exp(self.groupdro_eta * _global_mean(risks.detach()))
+            weights = self.q * torch.exp(self.groupdro_eta * replica_mean(risks.detach()))
             self.q.copy_(weights / weights.sum())
         loss = torch.dot(risks, self.q)
         metrics = {"classification_loss": risks.mean().detach(), "worst_domain_loss": risks.max().detach()}
         metrics.update({f"groupdro_q_domain{b.domain}": w for b, w in zip(batches, self.q.detach().clone())})
         return AlgorithmOutput(loss, metrics)
 
-
-def _global_mean(values: torch.Tensor) -> torch.Tensor:
-    """``values`` averaged over the processes of a running ``torch.distributed`` job."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    total = values.clone()
-    torch.distributed.all_reduce(total)
-    return total / torch.distributed.get_world_size()

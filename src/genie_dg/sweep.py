@@ -125,13 +125,27 @@ def run_key(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def launch_rank() -> int:
+    """This process's rank among those one launch started for a run (0 when it started one):
+    from the variables torchrun, SLURM and Lightning's DDP launcher set (Lightning starts replicas
+    1..N-1 with ``LOCAL_RANK``, and ``NODE_RANK`` on other nodes)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0)) + int(os.environ.get("LOCAL_RANK", 0))
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[str | None]:
     """Hold an exclusive lock on ``run_dir`` for the block. Yields None when this process holds
     it, or else the holder's pid (as written in the lock file) and holds nothing.
 
     ``flock``: the kernel drops the lock when its holder exits, however it exits, so a killed
-    run never leaves a stale lock behind for the next sweep to trip on."""
+    run never leaves a stale lock behind for the next sweep to trip on. Only a launch's first
+    process locks (:func:`launch_rank` 0): the DDP replicas of a run share its directory."""
+    if launch_rank() != 0:
+        yield None
+        return
     with open(run_dir / RUN_LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -228,3 +228,20 @@ def test_a_run_that_finished_while_waiting_for_its_lock_is_not_trained_again(
     monkeypatch.setattr(pipeline, "run_lock", finish_first)
     assert train(cfg) == first
     assert (run / "results.jsonl").read_text() == records
+
+
+def test_the_replicas_of_a_ddp_run_share_its_directory_without_the_lock(tmp_path, monkeypatch):
+    from genie_dg.sweep import run_lock
+
+    with run_lock(tmp_path) as holder:
+        assert holder is None
+        # The replica Lightning starts from this command (LOCAL_RANK=1), or SLURM's second task.
+        for key, value in (("LOCAL_RANK", "1"), ("SLURM_PROCID", "1"), ("NODE_RANK", "1")):
+            with monkeypatch.context() as env:
+                env.setenv(key, value)
+                with run_lock(tmp_path) as replica:
+                    assert replica is None, key
+        with monkeypatch.context() as env:
+            env.setenv("SLURM_PROCID", "0")  # the first task of a SLURM launch is refused like any other
+            with run_lock(tmp_path) as other:
+                assert other == str(os.getpid())

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
 from genie_dg.algorithms.base import DGAlgorithm, DomainBatch
@@ -111,6 +112,7 @@ class DGModule(LightningModule):
                 self._reset_optimizer_state()
         else:
             output = self.algorithm.manual_step(self, batches)
+            self._share_rank_zero_buffers()
         if not torch.isfinite(output.loss):
             raise FloatingPointError(
                 f"training loss is {output.loss.item()} at step {self.global_step}; the run diverged: "
@@ -121,6 +123,17 @@ class DGModule(LightningModule):
             for name, value in output.metrics.items():
                 self.log(f"train/{name}", value)
         return output.loss if self.automatic_optimization else None
+
+    def _share_rank_zero_buffers(self) -> None:
+        """Broadcast rank 0's buffers (BatchNorm running statistics...) to every replica.
+
+        DDP does this before each forward (``broadcast_buffers``), but Lightning's manual
+        optimization switches that off: without this, each replica's running statistics would
+        follow its own shard, and the replicas would validate and test different models."""
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, DistributedDataParallel) and ddp.broadcast_buffers:
+            for buffer in self.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         self._backward_passes += 1

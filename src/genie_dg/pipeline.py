@@ -41,6 +41,11 @@ from genie_dg.sweep import (
 )
 
 log = logging.getLogger(__name__)
+# Lightning's DDP strategies and their variants that look for parameters a step left unused.
+FINDS_UNUSED_PARAMETERS = {
+    "ddp": "ddp_find_unused_parameters_true",
+    "ddp_spawn": "ddp_spawn_find_unused_parameters_true",
+}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -98,7 +103,17 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     callbacks = [instantiate_or_explain(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ResultsRecorder(Path(cfg.paths.output_dir) / RESULTS_FILE, identity, datamodule.eval_sets))
     loggers = [instantiate_logger(c, identity) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    strategy = cfg.trainer.get("strategy")
+    overrides = {}
+    if model.algorithm.leaves_parameters_unused and strategy in FINDS_UNUSED_PARAMETERS:
+        overrides["strategy"] = FINDS_UNUSED_PARAMETERS[strategy]
+        log.info(
+            "%s leaves parameters without gradient on some steps: trainer.strategy=%s instead of %s",
+            type(model.algorithm).__name__,
+            overrides["strategy"],
+            strategy,
+        )
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     return datamodule, model, trainer
 
 

@@ -60,11 +60,13 @@ class DGAlgorithm(nn.Module):
 
     ``min_domains`` is the number of training domains the penalty needs; with fewer,
     construction fails unless ``allow_degenerate=True``, which only warns that the penalty is
-    inactive.
+    inactive. A method whose steps leave some parameters without a gradient (DANN's
+    discriminator steps) sets ``leaves_parameters_unused``: DDP must then look for them.
     """
 
     min_domains: ClassVar[int] = 1
     automatic_optimization: ClassVar[bool] = True
+    leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(
         self,

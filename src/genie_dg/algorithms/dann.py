@@ -80,12 +80,13 @@ class AbstractDANN(DGAlgorithm):
     training domain (``allow_degenerate=true``) every step is a generator step on the
     classification loss alone, which is ERM.
 
-    Under DistributedDataParallel a discriminator step leaves the network without gradient, so
-    run it with ``trainer.strategy=ddp_find_unused_parameters_true``.
+    A discriminator step leaves the network without gradient, so under DistributedDataParallel
+    the run looks for unused parameters (``leaves_parameters_unused``).
     """
 
     min_domains = 2
     automatic_optimization = False
+    leaves_parameters_unused = True
     conditional: ClassVar[bool]
     class_balance: ClassVar[bool]
 

@@ -193,6 +193,13 @@ def test_a_missing_compiler_is_a_clear_error_that_changes_nothing():
         opt.step()
     assert torch.equal(param.detach(), before)
     assert float(opt.state[param]["step"]) == 0 and not opt.state[param]["m"].any()
+    # Retried eagerly, the step is the one an eager optimizer makes: the failure drew nothing.
+    opt.param_groups[0]["compiled"] = False
+    opt.step()
+    eager = before.clone().requires_grad_()
+    eager.grad = torch.ones(5, 7)
+    GENIE([eager], lr=0.1).step()
+    assert torch.equal(param.detach(), eager.detach())
 
 
 def test_mixed_dtypes_eps_zero_and_empty_tensors_match_the_eager_step():

@@ -1044,6 +1044,12 @@ def _compiled_genie(
         )
 
 
+def _undo_step_start(steps: list[Tensor], gen: torch.Generator | None, gen_state: Tensor | None) -> None:
+    torch._foreach_add_(steps, -1.0)
+    if gen is not None:
+        gen.set_state(gen_state)
+
+
 def _compiled_same_dtype(
     params: list[Tensor],
     grads: list[Tensor],
@@ -1083,6 +1089,8 @@ def _compiled_same_dtype(
     floor = _floor(eps, sdtype)
     per_group = torch.tensor((lr, beta, weight_decay, eps, floor, scale), dtype=sdtype, device=device)
     gen = generator_for(device) if use_mask or noise else None
+    # Restored if compilation fails, so a retry (e.g. with compiled=False) draws what it would have.
+    gen_state = gen.get_state() if gen is not None else None
     if use_mask:
         keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(params),), generator=gen, dtype=torch.int64, device=device)
     else:
@@ -1106,15 +1114,15 @@ def _compiled_same_dtype(
             weight_decay=wd_mode,
         )
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
-        torch._foreach_add_(steps, -1.0)
+        _undo_step_start(steps, gen, gen_state)
         raise UserInputError(
             "GENIE(compiled=True) needs one compiled graph per set of tensors in a group (parameters "
             "without a gradient this step count too) and dynamo's limit is reached; raise "
             "torch._dynamo.config.recompile_limit, or set optimizer.compiled=false"
         ) from err
     except torch._dynamo.exc.BackendCompilerFailed as err:
-        # Compilation fails before the kernel writes anything: undo the step count.
-        torch._foreach_add_(steps, -1.0)
+        # Compilation fails before the kernel writes anything: undo the step count and draws.
+        _undo_step_start(steps, gen, gen_state)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(
             f"GENIE(compiled=True) could not compile its kernel ({reason}); install a C++ compiler "

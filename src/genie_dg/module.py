@@ -131,9 +131,17 @@ class DGModule(LightningModule):
         optimization switches that off: without this, each replica's running statistics would
         follow its own shard, and the replicas would validate and test different models."""
         ddp = self.trainer.strategy.model
-        if isinstance(ddp, DistributedDataParallel) and ddp.broadcast_buffers:
-            for buffer in self.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        if not (isinstance(ddp, DistributedDataParallel) and ddp.broadcast_buffers):
+            return
+        # One broadcast per dtype and device, not one per buffer (a ResNet-50 has ~300).
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for buffer in self.buffers():
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        for buffers in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                buffer.copy_(value.view_as(buffer))
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         self._backward_passes += 1

@@ -43,8 +43,7 @@ from genie_dg.sweep import (
 log = logging.getLogger(__name__)
 # Lightning's DDP strategies and their variants that look for parameters a step left unused.
 FINDS_UNUSED_PARAMETERS = {
-    "ddp": "ddp_find_unused_parameters_true",
-    "ddp_spawn": "ddp_spawn_find_unused_parameters_true",
+    name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 }
 
 

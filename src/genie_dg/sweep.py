@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genie_dg.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 DONE_MARKER = "done"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -125,25 +128,28 @@ def run_key(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def launch_rank() -> int:
-    """This process's rank among those one launch started for a run (0 when it started one):
-    from the variables torchrun, SLURM and Lightning's DDP launcher set (Lightning starts replicas
-    1..N-1 with ``LOCAL_RANK``, and ``NODE_RANK`` on other nodes)."""
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return int(os.environ.get("NODE_RANK", 0)) + int(os.environ.get("LOCAL_RANK", 0))
+def locks_its_run() -> bool:
+    """Whether this process locks its run directory: yes when it is the only process of its
+    launch, or the first of the DDP replicas Lightning starts from it (Lightning gives the others
+    ``LOCAL_RANK`` / ``NODE_RANK`` >= 1, and they share the first one's directory). Processes that
+    torchrun (``WORLD_SIZE``) or SLURM (``SLURM_NTASKS``) start several at a time decide each on
+    its own whether to train, so none of them locks: one that left would hang the others."""
+    env = os.environ
+    if int(env.get("LOCAL_RANK", 0)) or int(env.get("NODE_RANK", 0)):
+        return False
+    return all(int(env.get(key, 1)) <= 1 for key in ("WORLD_SIZE", "SLURM_NTASKS"))
 
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[str | None]:
     """Hold an exclusive lock on ``run_dir`` for the block. Yields None when this process holds
-    it, or else the holder's pid (as written in the lock file) and holds nothing.
+    it (or does not lock: :func:`locks_its_run`), or else the holder's pid (as written in the
+    lock file) and holds nothing.
 
     ``flock``: the kernel drops the lock when its holder exits, however it exits, so a killed
-    run never leaves a stale lock behind for the next sweep to trip on. Only a launch's first
-    process locks (:func:`launch_rank` 0): the DDP replicas of a run share its directory."""
-    if launch_rank() != 0:
+    run leaves no lock behind on a local disk (a network filesystem may keep a crashed node's
+    lock until its lease ends). Where the filesystem cannot lock at all, the run goes on unlocked."""
+    if not locks_its_run():
         yield None
         return
     with open(run_dir / RUN_LOCK_FILE, "a+") as lock:
@@ -152,6 +158,10 @@ def run_lock(run_dir: Path) -> Iterator[str | None]:
         except BlockingIOError:
             lock.seek(0)
             yield lock.read().strip() or "unknown"
+            return
+        except OSError as err:
+            log.warning("cannot lock %s (%s): training without the lock", run_dir, err.strerror or err)
+            yield None
             return
         try:
             lock.truncate(0)

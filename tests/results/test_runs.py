@@ -230,18 +230,44 @@ def test_a_run_that_finished_while_waiting_for_its_lock_is_not_trained_again(
     assert (run / "results.jsonl").read_text() == records
 
 
-def test_the_replicas_of_a_ddp_run_share_its_directory_without_the_lock(tmp_path, monkeypatch):
+def test_only_the_first_process_of_a_launch_locks_its_run(tmp_path, monkeypatch):
     from genie_dg.sweep import run_lock
 
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
     with run_lock(tmp_path) as holder:
         assert holder is None
-        # The replica Lightning starts from this command (LOCAL_RANK=1), or SLURM's second task.
-        for key, value in (("LOCAL_RANK", "1"), ("SLURM_PROCID", "1"), ("NODE_RANK", "1")):
-            with monkeypatch.context() as env:
-                env.setenv(key, value)
+        replicas = (
+            {"LOCAL_RANK": "1"},  # a replica Lightning started from this command...
+            {"LOCAL_RANK": "1", "SLURM_PROCID": "0"},  # ... inside a SLURM job it did not launch
+            {"NODE_RANK": "1", "LOCAL_RANK": "0"},  # its first replica on a second node
+            {"WORLD_SIZE": "2", "RANK": "0"},  # torchrun: every rank decides alone, none locks
+            {"SLURM_NTASKS": "4", "SLURM_PROCID": "0"},  # srun's tasks likewise
+        )
+        for env in replicas:
+            with monkeypatch.context() as patch:
+                for key, value in env.items():
+                    patch.setenv(key, value)
                 with run_lock(tmp_path) as replica:
-                    assert replica is None, key
-        with monkeypatch.context() as env:
-            env.setenv("SLURM_PROCID", "0")  # the first task of a SLURM launch is refused like any other
+                    assert replica is None, env
+        with monkeypatch.context() as patch:
+            # A submitit job of a SLURM sweep: one task, which locks like a local process.
+            patch.setenv("SLURM_NTASKS", "1")
+            patch.setenv("SLURM_PROCID", "0")
             with run_lock(tmp_path) as other:
                 assert other == str(os.getpid())
+
+
+def test_a_filesystem_that_cannot_lock_trains_without_the_lock(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from genie_dg.sweep import run_lock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="genie_dg.sweep"), run_lock(tmp_path) as holder:
+        assert holder is None
+    assert f"cannot lock {tmp_path} (No locks available): training without the lock" in caplog.text

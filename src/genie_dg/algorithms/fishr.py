@@ -115,7 +115,7 @@ class Fishr(AnnealedPenalty):
             variances = torch.stack([gradient_variance(g) for g in gradients])
             # Under DDP: the replicas' mean (so every replica's moving average stays the same), with
             # the gradient through this replica's own share; DDP averages those gradients.
-            variances = variances + (replica_mean(variances) - variances.detach())
+            variances = replica_mean(variances) + (variances - variances.detach())
             penalty = variance_distance(self._smoothed_variances(variances))
         return AlgorithmOutput(
             classification + weight * penalty,

@@ -70,3 +70,5 @@ def test_ddp_cpu_replicas_stay_bitwise_identical(small_run, tmp_path, algorithm)
     rank1 = (out / "rank1.txt").read_text().split()
     assert rank0[1:3] == ["4", "2"], "four steps on a world of two"
     assert rank0[0] == rank1[0], "parameters, algorithm buffers or GENIE generator state differ between ranks"
+    assert result.stdout.count("run_dir:") == 1, "the summary is printed once, by rank 0"
+    assert "sync_dist" not in result.stderr, "Lightning should know the accuracies are synced"

@@ -184,13 +184,14 @@ class DGModule(LightningModule):
                 continue
             accuracy = metric.compute()
             metric.reset()
-            self.log(f"{stage}/{domain}/acc", accuracy)
+            # compute() already gathered every replica's counts; sync_dist only tells Lightning so.
+            self.log(f"{stage}/{domain}/acc", accuracy, sync_dist=True)
             if in_means:
                 (target if is_target else source).append(accuracy)
         if source:
-            self.log(f"{stage}/source_acc", torch.stack(source).mean(), prog_bar=True)
+            self.log(f"{stage}/source_acc", torch.stack(source).mean(), prog_bar=True, sync_dist=True)
         if target:
-            self.log(f"{stage}/target_acc", torch.stack(target).mean())
+            self.log(f"{stage}/target_acc", torch.stack(target).mean(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracies("val")

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class, instantiate, to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -374,7 +375,10 @@ ROLE_LABELS = {
 }
 
 
+@rank_zero_only
 def print_summary(summary: dict[str, Any]) -> None:
+    """The run's accuracy table and where its files are (relative to the working directory when
+    under it), printed once per run: by rank 0 of a DDP run."""
     console = Console()
     table = Table(
         title=(
@@ -397,4 +401,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     table.add_row("mean", "target (unseen)", pct(summary["target_acc"]))
     console.print(table)
     for name, path in summary["files"].items():
-        console.print(f"{name:>12}: {path}", highlight=False, soft_wrap=True)
+        console.print(f"{name:>12}: {_shown_path(path)}", highlight=False, soft_wrap=True)
+
+
+def _shown_path(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path

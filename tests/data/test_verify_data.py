@@ -64,7 +64,7 @@ def test_a_user_tree_is_counted_without_expectations(tmp_path, capsys):
     ("args", "message"),
     [
         (["verify-data", "pacz"], "unknown dataset 'pacz'"),
-        (["verify-data", "rotated_mnist"], "'rotated_mnist' is not read from image folders"),
+        (["verify-data", "rotated_mnist"], "'rotated_mnist' is built by genie_dg.data.rotated_mnist, not read from"),
         (["verify-data", "image_folder"], "pass --root"),
         (["verify-data", "vlcs", "--data-dir", "/nonexistent"], "VLCS does not exist"),
     ],
@@ -73,6 +73,8 @@ def test_unusable_requests_are_one_error_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+    # What it offers instead are datasets there are files of: never the bundled digits.
+    assert "colored_mnist" not in err and ("verify-data checks" not in err or "pacs" in err)
 
 
 def test_the_console_script_is_installed_and_verifies(full_pacs):

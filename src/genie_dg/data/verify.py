@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
@@ -31,15 +32,21 @@ IMAGE_FOLDER_TARGET = "genie_dg.data.domain_image_folder"
 
 
 def dataset_names(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (config_dir / "dataset").glob("*.yaml"))
+    """The dataset configs read from image folders: the ones there are files to verify."""
+    names = []
+    for path in sorted((config_dir / "dataset").glob("*.yaml")):
+        node = (yaml.safe_load(path.read_text()) or {}).get("dataset") or {}
+        if node.get("_target_") == IMAGE_FOLDER_TARGET:
+            names.append(path.stem)
+    return names
 
 
 def image_dataset_config(name: str, data_dir: Path, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """The resolved ``dataset.dataset`` node of ``dataset=<name>`` with ``paths.data_dir=data_dir``."""
     choices = dataset_names(config_dir)
-    if name not in choices:
+    if not (config_dir / "dataset" / f"{name}.yaml").is_file():
         raise UserInputError(
-            f"unknown dataset '{name}'; the configs in {config_dir / 'dataset'} are {', '.join(choices)}"
+            f"unknown dataset '{name}'; the image-folder configs in {config_dir / 'dataset'} are {', '.join(choices)}"
         )
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"dataset={name}"])
@@ -47,10 +54,9 @@ def image_dataset_config(name: str, data_dir: Path, config_dir: Path = CONFIG_DI
         cfg.paths.data_dir = str(data_dir.expanduser().resolve())
     node = cfg.dataset.dataset
     if node.get("_target_") != IMAGE_FOLDER_TARGET:
-        image_datasets = [n for n in choices if n != name]
         raise UserInputError(
-            f"dataset '{name}' is not read from image folders ({node.get('_target_')}); "
-            f"verify-data checks folder datasets such as {', '.join(image_datasets)}"
+            f"dataset '{name}' is built by {node.get('_target_')}, not read from image folders: there are no "
+            f"files to verify; verify-data checks {', '.join(choices)}"
         )
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 

@@ -926,8 +926,7 @@ def _tanh_nonnegative(x: Tensor) -> Tensor:
 
     Inductor's CPU code calls Sleef's tanh, about 3x slower here than this form compiled and 5x
     slower than eager ``torch.tanh`` (``benchmarks/compiled_tanh.py``); ``exp`` and a polynomial
-    vectorise inline. Float64 keeps ``torch.tanh``:
-    the polynomial is single-precision.
+    vectorise inline. Float64 keeps ``torch.tanh``: the polynomial is single-precision.
     """
     if x.dtype == torch.float64:
         return torch.tanh(x)

@@ -167,3 +167,19 @@ def test_golden_sweep_records_are_what_runs_write():
 def test_collect_finds_runs_at_any_depth(tmp_path):
     shutil.copytree(GOLDEN, tmp_path / "a" / "b")
     assert collect(tmp_path) == GOLDEN_TABLES.read_text()
+
+
+def test_the_readme_study_tables_are_what_the_committed_records_give():
+    """results/offline_study holds the records of the README's offline study (216 runs): every
+    table row the README shows comes out of `genie-dg collect` on them."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    study = readme.split("### The offline study")[1].split("\n## ")[0]
+    shown = [line for line in study.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(shown) == 8 * 4, "RotatedMNIST, ColoredMNIST, averages, oracle averages: 8 rows each"
+    runs = list((root / "results" / "offline_study").glob(f"*/{RESULTS_FILE}"))
+    assert len(runs) == 216
+    iid = collect(root / "results" / "offline_study", "markdown", ["iid"]).splitlines()
+    oracle = collect(root / "results" / "offline_study", "markdown", ["oracle"]).splitlines()
+    assert set(shown[:24]) <= set(iid)
+    assert set(shown[24:]) <= set(oracle)

@@ -156,7 +156,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     """
     output_dir = Path(cfg.paths.output_dir)
     if (output_dir / DONE_MARKER).is_file():
-        log.info("%s finished before: skipping it", output_dir)
         return finished_summary(output_dir)
     prepare_output_dir(output_dir)
     with ExitStack() as locks:
@@ -171,7 +170,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             return None
         # Checked again under the lock: another process may have finished it since the first look.
         if (output_dir / DONE_MARKER).is_file():
-            log.info("%s finished before: skipping it", output_dir)
             return finished_summary(output_dir)
         return _train_in(cfg, output_dir, ckpt_path)
 
@@ -213,6 +211,7 @@ def _train_in(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[
 
 def finished_summary(output_dir: Path) -> dict[str, Any]:
     """The saved summary of the finished run in ``output_dir``, printed as at its end."""
+    log.info("%s finished before: skipping it", output_dir)
     summary = json.loads((output_dir / "summary.json").read_text())
     print_summary(summary)
     return summary

@@ -31,33 +31,41 @@ CONFIG_DIR = config_dir_for(Path(__file__))
 IMAGE_FOLDER_TARGET = "genie_dg.data.domain_image_folder"
 
 
+def _dataset_targets(config_dir: Path) -> dict[str, str | None]:
+    """Each dataset config's name and what builds its data (``dataset._target_``)."""
+    return {
+        path.stem: ((yaml.safe_load(path.read_text()) or {}).get("dataset") or {}).get("_target_")
+        for path in sorted((config_dir / "dataset").glob("*.yaml"))
+    }
+
+
+def _read_from_image_folders(targets: dict[str, str | None]) -> list[str]:
+    return [name for name, target in targets.items() if target == IMAGE_FOLDER_TARGET]
+
+
 def dataset_names(config_dir: Path = CONFIG_DIR) -> list[str]:
     """The dataset configs read from image folders: the ones there are files to verify."""
-    names = []
-    for path in sorted((config_dir / "dataset").glob("*.yaml")):
-        node = (yaml.safe_load(path.read_text()) or {}).get("dataset") or {}
-        if node.get("_target_") == IMAGE_FOLDER_TARGET:
-            names.append(path.stem)
-    return names
+    return _read_from_image_folders(_dataset_targets(config_dir))
 
 
 def image_dataset_config(name: str, data_dir: Path, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """The resolved ``dataset.dataset`` node of ``dataset=<name>`` with ``paths.data_dir=data_dir``."""
-    choices = dataset_names(config_dir)
-    if not (config_dir / "dataset" / f"{name}.yaml").is_file():
+    targets = _dataset_targets(config_dir)
+    choices = _read_from_image_folders(targets)
+    if name not in targets:
         raise UserInputError(
             f"unknown dataset '{name}'; the image-folder configs in {config_dir / 'dataset'} are {', '.join(choices)}"
+        )
+    if targets[name] != IMAGE_FOLDER_TARGET:
+        raise UserInputError(
+            f"dataset '{name}' is built by {targets[name]}, not read from image folders: there are no "
+            f"files to verify; verify-data checks {', '.join(choices)}"
         )
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"dataset={name}"])
     with open_dict(cfg):
         cfg.paths.data_dir = str(data_dir.expanduser().resolve())
     node = cfg.dataset.dataset
-    if node.get("_target_") != IMAGE_FOLDER_TARGET:
-        raise UserInputError(
-            f"dataset '{name}' is built by {node.get('_target_')}, not read from image folders: there are no "
-            f"files to verify; verify-data checks {', '.join(choices)}"
-        )
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 

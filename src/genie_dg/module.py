@@ -57,6 +57,7 @@ class DGModule(LightningModule):
     training-domain validation, the model-selection metric) and ``<stage>/target_acc``.
     ``target_validation`` names the loaders that are held-out parts of target domains
     (DomainBed's test-domain validation, for oracle selection): logged, but in neither mean.
+    ``freeze_bn``: the featurizer's BatchNorm layers stay in eval mode (:class:`Classifier`).
     """
 
     def __init__(
@@ -70,11 +71,12 @@ class DGModule(LightningModule):
         target_domains: Sequence[str],
         input_shape: Sequence[int] | None = None,
         target_validation: Sequence[str] = (),
+        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
         # Objects in hyper_parameters would break checkpoint loading with weights_only=True.
         self.save_hyperparameters(ignore=["featurizer", "algorithm", "optimizer"])
-        self.network = Classifier(featurizer, num_classes)
+        self.network = Classifier(featurizer, num_classes, freeze_bn=freeze_bn)
         self.algorithm = algorithm(
             num_classes=num_classes,
             num_domains=len(train_domains),
@@ -160,6 +162,12 @@ class DGModule(LightningModule):
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self.log("train/passes_per_step", float(self._backward_passes))
         self.algorithm.update_count += 1
+        trainer = self.trainer
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # Lightning validates on multiples of val_check_interval only; a stop request makes
+            # it validate now, so a max_steps the interval does not divide still gets its last
+            # steps validated (and selectable). On a multiple it validates once, as it would.
+            trainer.should_stop = True
 
     def _reset_optimizer_state(self) -> None:
         for optimizer in self.trainer.optimizers:

@@ -61,17 +61,23 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+# Config keys that are read by the pipeline, not passed to the object a node builds: a group's
+# hyper-parameter search distributions (read by sweeps), and the backbone's BatchNorm mode (the
+# Classifier around the featurizer applies it).
+NOT_ARGUMENTS = ("search", "freeze_bn")
+
+
 def instantiate_or_explain(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising a user mistake as itself rather than wrapped.
 
-    A top-level ``search`` key (a config's hyper-parameter search distribution, read by
-    sweeps) is not an argument of the object and is left out.
+    Top-level :data:`NOT_ARGUMENTS` keys are left out.
     """
-    if isinstance(node, DictConfig) and "search" in node:
+    if isinstance(node, DictConfig) and any(key in node for key in NOT_ARGUMENTS):
         # A deep copy keeps the parent, so interpolations such as ${seed} still resolve.
         node = copy.deepcopy(node)
         with open_dict(node):
-            del node["search"]
+            for key in NOT_ARGUMENTS:
+                node.pop(key, None)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -98,6 +104,7 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         target_domains=[data.domain_names[d] for d in datamodule.test_domains],
         input_shape=data.input_shape,
         target_validation=[s.name for s in datamodule.eval_sets if s.is_target_validation],
+        freeze_bn=bool(cfg.backbone.get("freeze_bn", False)),
     )
     identity = run_identity(cfg, datamodule, model)
     callbacks = [instantiate_or_explain(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps: DomainBed's random draws, and run directories that make sweeps resumable.
+"""Hyper-parameter search: DomainBed's random draws, and the same space for Optuna.
 
 **Draws.** Every top-level config group (``algorithm``, ``optimizer``, ...) may carry a ``search``
 mapping from its hyper-parameters to distributions, DomainBed's:
@@ -15,24 +15,14 @@ a generator seeded by a hash of ``(hash(hparams_seed, trial_seed), "<group>.<nam
 search never changes the others', and every target domain of a (hparams_seed, trial_seed) pair
 trains with the same values (leave-one-domain-out selection compares them).
 
-**Run directories.** In a multirun, a job's directory is named by :func:`run_key`, a hash of its
-resolved config without ``paths``, ``logger`` and ``hydra`` (where files go and where results are
-logged change nothing a run computes). Re-running a sweep therefore finds each job's earlier
-directory: :data:`DONE_MARKER` there means the job finished and is skipped, and
-``checkpoints/last.ckpt`` without it means the job was interrupted and resumes from there.
-A process training in a directory holds :func:`run_lock` on it, so sweeps started side by side
-over the same jobs share them out instead of training one job twice into the same files.
+Run directories (keys, locks, resumption) are :mod:`genie_dg.run_dir`'s.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +35,7 @@ from genie_dg.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-DONE_MARKER = "done"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# Holds the run's run_key, so `ckpt_path=last` can find earlier runs of the same config.
-RESUME_KEY_FILE = "resume_key"
-RUN_LOCK_FILE = ".run_lock"
 DISTRIBUTIONS = ("uniform", "log10_uniform", "pow2_uniform", "choice")
-# Parts of the config that say where things are written, not what a run computes.
-NOT_IN_RUN_KEY = ("hydra", "paths", "logger")
 
 
 def seed_hash(*args: Any) -> int:
@@ -87,12 +70,19 @@ def searched_groups(cfg: DictConfig) -> list[str]:
     ]
 
 
+def search_specs(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
+    """``group``'s searched hyper-parameters and their distributions. A ``null`` spec leaves a
+    hyper-parameter at its default: a more specific config (a dataset family's, an experiment's)
+    switches off a search the group's own config declares."""
+    return {name: spec for name, spec in cfg[group].search.items() if spec is not None}
+
+
 def searched_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The current value of every searched hyper-parameter, as ``{"<group>.<name>": value}``."""
     return {
         f"{group}.{name}": OmegaConf.to_container(cfg[group], resolve=True).get(name)
         for group in searched_groups(cfg)
-        for name in cfg[group].search
+        for name in search_specs(cfg, group)
     }
 
 
@@ -103,92 +93,12 @@ def sample_hparams(cfg: DictConfig) -> dict[str, Any]:
     if hparams_seed != 0:
         run_seed = seed_hash(hparams_seed, int(cfg.trial_seed))
         for group in searched_groups(cfg):
-            for name, spec in cfg[group].search.items():
+            for name, spec in search_specs(cfg, group).items():
                 where = f"{group}.search.{name}"
                 if name not in cfg[group]:
                     raise UserInputError(f"{where}: {group} has no default {name!r} to replace by a draw")
                 cfg[group][name] = draw(spec, seed_hash(run_seed, f"{group}.{name}"), where)
     return searched_hparams(cfg)
-
-
-def run_key(cfg: DictConfig) -> str:
-    """A 12-hex-digit hash of the resolved config, leaving out :data:`NOT_IN_RUN_KEY`.
-
-    ``ckpt_path`` counts as null: where a run resumes from changes nothing it computes, so a
-    job started again with ``ckpt_path=last`` finds its own directory (the key of a config
-    with ``ckpt_path: null``, as every sweep writes, is unchanged by this rule)."""
-    kept = {key: node for key, node in cfg.items_ex(resolve=False) if key not in NOT_IN_RUN_KEY}
-    if "ckpt_path" in kept:
-        kept["ckpt_path"] = None
-    # Interpolations into paths (checkpoint folders...) resolve to the path's name, not its value.
-    kept["paths"] = {name: f"<paths.{name}>" for name in cfg.get("paths") or {}}
-    resolved = OmegaConf.to_container(OmegaConf.create(kept), resolve=True)
-    del resolved["paths"]
-    text = json.dumps(resolved, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def locks_its_run() -> bool:
-    """Whether this process locks its run directory: yes when it is the only process of its
-    launch, or the first of the DDP replicas Lightning starts from it (Lightning gives the others
-    ``LOCAL_RANK`` / ``NODE_RANK`` >= 1, and they share the first one's directory). Processes that
-    torchrun (``WORLD_SIZE``) or SLURM (``SLURM_NTASKS``) start several at a time decide each on
-    its own whether to train, so none of them locks: one that left would hang the others."""
-    env = os.environ
-    if int(env.get("LOCAL_RANK", 0)) or int(env.get("NODE_RANK", 0)):
-        return False
-    return all(int(env.get(key, 1)) <= 1 for key in ("WORLD_SIZE", "SLURM_NTASKS"))
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[str | None]:
-    """Hold an exclusive lock on ``run_dir`` for the block. Yields None when this process holds
-    it (or does not lock: :func:`locks_its_run`), or else the holder's pid (as written in the
-    lock file) and holds nothing.
-
-    ``flock``: the kernel drops the lock when its holder exits, however it exits, so a killed
-    run leaves no lock behind on a local disk (a network filesystem may keep a crashed node's
-    lock until its lease ends). Where the filesystem cannot lock at all, the run goes on unlocked."""
-    if not locks_its_run():
-        yield None
-        return
-    with open(run_dir / RUN_LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            yield lock.read().strip() or "unknown"
-            return
-        except OSError as err:
-            log.warning("cannot lock %s (%s): training without the lock", run_dir, err.strerror or err)
-            yield None
-            return
-        try:
-            lock.truncate(0)
-            lock.write(str(os.getpid()))
-            lock.flush()
-            yield None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def latest_run(runs_dir: Path, key: str, exclude: Path | None = None) -> Path | None:
-    """The directory under ``runs_dir`` whose :data:`RESUME_KEY_FILE` holds ``key`` and which has a
-    last checkpoint, with the newest checkpoint (finished or not); None if there is none.
-    Directories this user cannot read are passed over."""
-    found = []
-    try:
-        runs = list(runs_dir.iterdir()) if runs_dir.is_dir() else []
-    except OSError:
-        runs = []
-    for run in runs:
-        try:
-            marker, checkpoint = run / RESUME_KEY_FILE, run / LAST_CHECKPOINT
-            if run != exclude and marker.is_file() and checkpoint.is_file() and marker.read_text().strip() == key:
-                found.append((checkpoint.stat().st_mtime, str(run)))
-        except OSError:
-            continue
-    return Path(max(found)[1]) if found else None
 
 
 def optuna_distribution(spec: DictConfig | dict[str, Any], where: str) -> str:
@@ -216,25 +126,8 @@ def optuna_space(cfg: DictConfig) -> dict[str, str]:
     return {
         f"{group}.{name}": optuna_distribution(spec, f"{group}.search.{name}")
         for group in searched_groups(cfg)
-        for name, spec in cfg[group].search.items()
+        for name, spec in search_specs(cfg, group).items()
     }
-
-
-def _run_key_resolver(*, _root_: DictConfig) -> str:
-    return run_key(_root_)
-
-
-def _optuna_space_resolver(*, _root_: DictConfig) -> dict[str, str]:
-    return optuna_space(_root_)
-
-
-# ${run_key:} names a multirun job's directory (conf/hydra/default.yaml: hydra.sweep.subdir);
-# ${optuna_space:} is the search space of hparams_search=optuna; ${cwd:} is the working directory
-# (conf/paths/default.yaml), which a sweeper can resolve before Hydra's runtime exists.
-_RESOLVERS = (("run_key", _run_key_resolver), ("optuna_space", _optuna_space_resolver), ("cwd", os.getcwd))
-for _name, _resolver in _RESOLVERS:
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _resolver, use_cache=False)
 
 
 def sweep_group() -> str | None:

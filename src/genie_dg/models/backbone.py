@@ -85,13 +85,26 @@ class Classifier(nn.Module):
     """A featurizer and a linear head (DomainBed's network shape).
 
     Dropout on the features, DomainBed's ``resnet_dropout``, is timm's ``drop_rate``.
+    ``freeze_bn`` keeps every BatchNorm layer of the featurizer in eval mode whatever mode the
+    network is put in: its running statistics stay those of the weights it starts from while its
+    affine parameters train (DomainBed's ``ResNet.freeze_bn``, as the GENIE authors fine-tune).
     """
 
-    def __init__(self, featurizer: nn.Module, num_classes: int) -> None:
+    def __init__(self, featurizer: nn.Module, num_classes: int, freeze_bn: bool = False) -> None:
         super().__init__()
         self.featurizer = featurizer
         self.num_features: int = featurizer.num_features
         self.head = nn.Linear(self.num_features, num_classes)
+        self.freeze_bn = freeze_bn
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.featurizer.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.featurizer(x)

@@ -78,7 +78,7 @@ def test_loss_is_cross_entropy_plus_lambda_times_the_penalty_of_the_stage_featur
     assert out.metrics["miro_penalty"].item() > 5 * math.log(0.1) / 2 + 0.01, "perturbed features cost more"
 
 
-def test_oracle_is_a_frozen_copy_in_evaluation_mode_and_encoders_get_lr_mult():
+def test_oracle_is_a_frozen_copy_with_fixed_statistics_and_encoders_get_lr_mult():
     algorithm, net = _miro(miro_lr_mult=10.0)
     oracle_before = {k: v.clone() for k, v in algorithm.oracle.state_dict().items()}
     assert all(torch.equal(oracle_before[k], v) for k, v in net.featurizer.state_dict().items())
@@ -86,7 +86,7 @@ def test_oracle_is_a_frozen_copy_in_evaluation_mode_and_encoders_get_lr_mult():
     running_mean = algorithm.oracle.bn1.running_mean.clone()
     algorithm.train()
     algorithm.training_loss(net.train(), _batches())
-    assert torch.equal(algorithm.oracle.bn1.running_mean, running_mean), "the oracle runs in evaluation mode"
+    assert torch.equal(algorithm.oracle.bn1.running_mean, running_mean), "the oracle's running statistics never move"
     assert algorithm.oracle.training, "but keeps the mode Lightning set"
     optimizer = algorithm.configure_optimizers(net, functools.partial(torch.optim.Adam, lr=1e-3))
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, pytest.approx(1e-2)]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genie_dg.algorithms import DomainBatch
-from genie_dg.algorithms.mldg import MLDG, build_inner_optimizer, meta_train_test_pairs
+from genie_dg.algorithms.base import build_inner_optimizer
+from genie_dg.algorithms.mldg import MLDG, meta_train_test_pairs
 from genie_dg.errors import UserInputError
 from genie_dg.optim import GENIE
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, pooled
 from genie_dg.algorithms.timm_resnet import first_conv_in_channels, widen_first_conv
 from genie_dg.errors import UserInputError
 
@@ -32,7 +32,7 @@ class ARM(DGAlgorithm):
     """ARM-CML: the classifier sees each image together with the mean context of its group.
 
     Zhang et al., "Adaptive Risk Minimization: Learning to Adapt to Domain Shift", NeurIPS 2021.
-    As in DomainBed, a context network maps every image to one channel of the image's size; the
+    Following DomainBed's ``ARM``, a context network maps every image to one channel of the image's size; the
     mean of that channel over a group of images (the support set) is appended to each image of
     the group as an extra input channel, and the loss is the cross-entropy of the pooled batch
     (ERM's). In training each domain's minibatch is one group; in :meth:`predict` the evaluation
@@ -49,6 +49,15 @@ class ARM(DGAlgorithm):
     image channel 0, as DomainBed's ResNet fills its added input channels. Deviation: DomainBed
     cuts the pooled training batch into ``support_size`` groups, which are the domains' batches
     only while all have that size; here the groups are the domains' batches by construction.
+
+    ``train_context_net`` (default ``False``, DomainBed's behaviour): whether the context
+    network's weights are optimized. DomainBed's ``ARM`` builds its optimizer (in ``ERM``'s
+    constructor) over the main network before the context network exists, so the context
+    network keeps its random initial weights and only its batch-norm running statistics move;
+    DomainBed's published ARM numbers come from that. ``False`` reproduces it (the weights do
+    not require gradients and are in no optimizer); ``True`` trains the context network
+    jointly with the classifier, as the ARM paper does. The default follows DomainBed because
+    its tables are what this project's results are compared with.
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class ARM(DGAlgorithm):
         num_domains: int,
         num_features: int,
         support_size: int | None = None,
+        train_context_net: bool = False,
         input_shape: Sequence[int] | None = None,
         **base: Any,
     ) -> None:
@@ -71,7 +81,11 @@ class ARM(DGAlgorithm):
         self.register_buffer("trained_support_size", torch.zeros((), dtype=torch.long))
         if self.input_shape is None:
             raise UserInputError("ARM needs the input shape (channels, height, width) for its context network")
-        self.context_net = context_network(self.input_shape[0])
+        self.train_context_net = hparam(
+            train_context_net, "train_context_net", lambda v: isinstance(v, bool), "true or false", "ARM"
+        )
+        # Frozen weights are left out of the optimizer (DGAlgorithm.configure_optimizers), as in DomainBed.
+        self.context_net = context_network(self.input_shape[0]).requires_grad_(train_context_net)
 
     def setup_network(self, network: nn.Module) -> None:
         channels = first_conv_in_channels(network.featurizer, "ARM")
@@ -88,8 +102,7 @@ class ARM(DGAlgorithm):
         return torch.cat([x, context], dim=1)
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         # Idempotent, so re-evaluating the loss (closure optimizers) changes nothing.
         self.trained_support_size.fill_(len(batches[0].x))
         logits = network(self._with_context(x, [len(b.x) for b in batches]))

@@ -1,8 +1,11 @@
-"""The seam between the LightningModule and a DG method, and the bases that families of methods
-share (:class:`FeatureMatching` for CORAL and MMD, :class:`AnnealedPenalty` for IRM, VREx and Fishr)."""
+"""The seam between the LightningModule and a DG method, the bases that families of methods
+share (:class:`FeatureMatching` for CORAL and MMD, :class:`AnnealedPenalty` for IRM, VREx and
+Fishr) and the helpers several methods use (:func:`pooled`, :func:`build_inner_optimizer`,
+:func:`refuse_second_order`)."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genie_dg.errors import UserInputError
+from genie_dg.optim import differentiates_gradient
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -146,6 +150,33 @@ def hparam(value: Any, name: str, check: Callable[[Any], bool], expected: str, o
     return value
 
 
+def pooled(batches: Sequence[DomainBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All domains' samples and labels of a step as one batch, in domain order."""
+    return torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches])
+
+
+def refuse_second_order(algorithm: str, optimizer: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer that differentiates the gradient (AdaHessian, GAM): an update
+    composed from copies of the network is no loss's gradient, it has no Hessian to take."""
+    if differentiates_gradient(optimizer):
+        raise UserInputError(
+            f"{algorithm} composes its update from copies of the network, so optimizer "
+            f"{type(optimizer).__name__} has no Hessian to take; choose a first-order optimizer"
+        )
+
+
+def build_inner_optimizer(factory: OptimizerFactory, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The configured optimizer over a network copy's parameters, for inner updates (MLDG, Fish).
+
+    An optimizer with its own seed (GENIE) gets one drawn from torch's generator: with the
+    configured seed its noise and mask would repeat the outer optimizer's and, when built
+    afresh each step, repeat themselves every step.
+    """
+    if "seed" in inspect.signature(factory).parameters:
+        return factory(params, seed=int(torch.randint(2**62, ())))
+    return factory(params)
+
+
 class FeatureMatching(DGAlgorithm):
     """Mean per-domain cross-entropy plus ``mmd_gamma`` times :meth:`distance` between two
     domains' features, averaged over all pairs of training domains (DomainBed's ``AbstractMMD``,
@@ -202,11 +233,13 @@ class AnnealedPenalty(DGAlgorithm):
     ``<prefix>_penalty_anneal_iters`` training steps and ``<prefix>_lambda`` from then on (each
     method names these two hyper-parameters after itself; :meth:`schedule_hparams` checks them).
     DomainBed also rebuilds its Adam optimizer at the switching step, because the jump in
-    gradient magnitude upsets Adam's moment estimates; ``reset_optimizer_on_anneal=True`` does
-    the same here by asking the module to clear the optimizer's state at that step (off by
-    default, so the configured optimizer, e.g. GENIE, keeps its state unless asked): once, even
-    when a closure-based optimizer evaluates the loss twice in that step, and not at step 0
-    unless ``reset_at_step_zero``.
+    gradient magnitude upsets Adam's moment estimates; ``reset_optimizer_on_anneal=True`` (the
+    default, DomainBed's behaviour) does the same here by asking the module to clear the
+    optimizer's state at that step, whatever the optimizer (GENIE's moving averages face the
+    same jump): once, even when a closure-based optimizer evaluates the loss twice in that
+    step, and not at step 0 unless ``reset_at_step_zero``. Clearing the state of a
+    ``torch.optim`` optimizer is what rebuilding it does: its state is created afresh at the
+    next step, with the same hyper-parameters. ``False`` keeps the state across the switch.
     """
 
     min_domains = 2
@@ -218,7 +251,7 @@ class AnnealedPenalty(DGAlgorithm):
         num_classes: int,
         num_domains: int,
         num_features: int,
-        reset_optimizer_on_anneal: bool = False,
+        reset_optimizer_on_anneal: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(num_classes, num_domains, num_features, **base)

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, OptimizerFactory, hparam
+from genie_dg.algorithms.base import (
+    AlgorithmOutput,
+    DGAlgorithm,
+    DomainBatch,
+    OptimizerFactory,
+    hparam,
+    pooled,
+)
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -182,8 +189,7 @@ class AbstractDANN(DGAlgorithm):
     def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
         discriminator_optimizer, generator_optimizer = module.optimizers()
         network = module.network
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         # The discriminator classifies the position of the domain among the training domains.
         domains = torch.cat([torch.full_like(b.y, i) for i, b in enumerate(batches)])
 

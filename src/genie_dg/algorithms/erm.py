@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, pooled
 
 
 class ERM(DGAlgorithm):
     """Cross-entropy over all training domains' samples at once (DomainBed's ERM)."""
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         return AlgorithmOutput(F.cross_entropy(network(x), y))

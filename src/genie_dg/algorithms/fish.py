@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, OptimizerFactory, hparam
-from genie_dg.algorithms.mldg import build_inner_optimizer, refuse_second_order
+from genie_dg.algorithms.base import (
+    AlgorithmOutput,
+    DGAlgorithm,
+    DomainBatch,
+    OptimizerFactory,
+    build_inner_optimizer,
+    hparam,
+    refuse_second_order,
+)
 from genie_dg.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -24,7 +31,7 @@ class Fish(DGAlgorithm):
 
     As DomainBed's ``Fish``: the copy starts from the network's weights at every step, its
     optimizer (DomainBed's inner Adam; here the configured optimizer, built by
-    :func:`~genie_dg.algorithms.mldg.build_inner_optimizer`) keeps its state from step to step,
+    :func:`~genie_dg.algorithms.base.build_inner_optimizer`) keeps its state from step to step,
     and domains are visited in the order of the batch.
 
     The outer move is applied as a gradient so the configured optimizer makes the training

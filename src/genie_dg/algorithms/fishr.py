@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch, hparam, replica_mean
+from genie_dg.algorithms.base import AlgorithmOutput, AnnealedPenalty, DomainBatch, hparam, pooled, replica_mean
 
 
 def head_gradients(features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class Fishr(AnnealedPenalty):
     from zero, divided by ``1 - fishr_ema`` so the gradient scale does not depend on it); the
     penalty weight is 0 for the first ``fishr_penalty_anneal_iters`` steps and ``fishr_lambda``
     from then on. DomainBed also rebuilds its Adam optimizer at the switching step (unless it is
-    step 0); ``reset_optimizer_on_anneal=True`` clears the optimizer's state there instead (see
+    step 0); ``reset_optimizer_on_anneal=True`` (the default) clears the optimizer's state there (see
     :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
 
     Deviations: the per-sample head gradients are computed in closed form instead of with
@@ -75,7 +75,7 @@ class Fishr(AnnealedPenalty):
         fishr_lambda: float = 1000.0,
         fishr_penalty_anneal_iters: int = 1500,
         fishr_ema: float = 0.95,
-        reset_optimizer_on_anneal: bool = False,
+        reset_optimizer_on_anneal: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)
@@ -105,8 +105,8 @@ class Fishr(AnnealedPenalty):
                 f"but got {len(batches)} minibatches"
             )
         weight, reset = self.penalty_schedule(self.fishr_lambda, self.fishr_penalty_anneal_iters)
-        y = torch.cat([b.y for b in batches])
-        features = network.features(torch.cat([b.x for b in batches]))
+        x, y = pooled(batches)
+        features = network.features(x)
         logits = network.head(features)
         classification = F.cross_entropy(logits, y)
         # Before annealing the penalty only feeds the moving averages: no graph through it.

@@ -36,8 +36,9 @@ class IRM(AnnealedPenalty):
 
     As DomainBed's ``IRM``: one forward pass over all domains' samples; the penalty weight is
     1 for the first ``irm_penalty_anneal_iters`` steps and ``irm_lambda`` from then on, and
-    ``reset_optimizer_on_anneal=True`` clears the optimizer's state at the switching step as
-    DomainBed rebuilds its Adam there (see :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
+    ``reset_optimizer_on_anneal=True`` (the default) clears the optimizer's state at the
+    switching step as DomainBed rebuilds its Adam there (see
+    :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
     With a single training domain (``allow_degenerate=true``) the penalty weight is 0, which is
     ERM.
     """
@@ -49,7 +50,7 @@ class IRM(AnnealedPenalty):
         num_features: int,
         irm_lambda: float = 100.0,
         irm_penalty_anneal_iters: int = 500,
-        reset_optimizer_on_anneal: bool = False,
+        reset_optimizer_on_anneal: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, OptimizerFactory, hparam
+from genie_dg.algorithms.base import (
+    AlgorithmOutput,
+    DGAlgorithm,
+    DomainBatch,
+    OptimizerFactory,
+    hparam,
+    pooled,
+)
 from genie_dg.algorithms.timm_resnet import captured_outputs, first_conv_in_channels, stem_and_stages
 
 
@@ -33,17 +40,33 @@ class VarianceEncoder(nn.Module):
 
 
 @contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` and its children in evaluation mode, then restore each one's mode.
-
-    The oracle keeps the training flags Lightning gives it (Lightning warns about modules left
-    in evaluation mode at the start of training) and is evaluated in this block only.
+def batch_norm_modes_of(oracle: nn.Module, reference: nn.Module | None) -> Iterator[None]:
+    """Run ``oracle`` in evaluation mode, except that each batch-norm layer normalises as the
+    layer of the same name in ``reference`` does now: with the batch's statistics where that
+    layer is in training mode, with the stored ones where it is in evaluation mode (all of them
+    with ``reference=None``). The
+    oracle's running statistics (and batch counters) are never updated; every module's mode is
+    restored on exit, so the oracle keeps the training flags Lightning gives it (Lightning warns
+    about modules left in evaluation mode at the start of training).
     """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    modes = [(m, m.training) for m in oracle.modules()]
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
+    batch_statistics = [
+        m
+        for name, m in oracle.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and getattr(reference_modules.get(name), "training", False)
+    ]
+    tracking = [m.track_running_stats for m in batch_statistics]
+    oracle.eval()
+    for m in batch_statistics:
+        # Training mode without tracking: normalise by the batch, leave the buffers alone.
+        m.training, m.track_running_stats = True, False
     try:
         yield
     finally:
+        for m, track in zip(batch_statistics, tracking):
+            m.track_running_stats = track
         for m, mode in modes:
             m.training = mode
 
@@ -70,12 +93,18 @@ class MIRO(DGAlgorithm):
     Models", ECCV 2022, following the authors' DomainBed code (khanrc/miro): the regularised
     features are the outputs of the ResNet stem (after max-pooling) and of its four residual
     stages (``feat_layers=stem_block``); the oracle is a frozen copy of the featurizer taken in
-    :meth:`setup_network`, i.e. the pretrained (or initial) weights, run with batch
-    normalisation in evaluation mode; the mean encoders are identities and the variance
-    encoders learn one variance per channel (initial 0.1) with ``miro_lr_mult`` times the
-    optimizer's learning rate. Deviation: MIRO's featurizer freezes batch normalisation
-    statistics as DomainBed's ResNet does; the trained featurizer here keeps the project's
-    backbone behaviour (batch statistics in training).
+    :meth:`setup_network`, i.e. the pretrained (or initial) weights; the mean encoders are
+    identities and the variance encoders learn one variance per channel (initial 0.1) with
+    ``miro_lr_mult`` times the optimizer's learning rate.
+
+    Batch normalisation: in khanrc/miro (commit 147fa57) both the trained featurizer and the
+    oracle are ``URResNet`` modules, whose batch-norm layers are always in evaluation mode. Here the
+    oracle normalises each layer as the trained featurizer's layer of the same name does at
+    that step (:func:`batch_norm_modes_of`), so with identical weights the two feature sets are
+    identical and the penalty is at its minimum. With ``backbone.freeze_bn=true`` both use the
+    stored statistics, which is the reference's computation; with ``backbone.freeze_bn=false``
+    (the reference has no such mode) the trained featurizer uses the batch's statistics and
+    the oracle does too, its running statistics untouched.
     """
 
     def __init__(
@@ -100,11 +129,13 @@ class MIRO(DGAlgorithm):
         channels = first_conv_in_channels(self.oracle, "MIRO")
         size = self.input_shape[1:] if self.input_shape is not None else (64, 64)
         probe = torch.zeros(1, channels, *size, device=next(self.oracle.parameters()).device)
-        self.variance_encoders = nn.ModuleList(VarianceEncoder(f.shape[1]) for f in self._oracle_features(probe))
+        self.variance_encoders = nn.ModuleList(
+            VarianceEncoder(f.shape[1]) for f in self._oracle_features(probe, None)
+        )
 
-    def _oracle_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # Batch normalisation on running statistics: the oracle is a fixed function of x.
-        with torch.no_grad(), evaluation_mode(self.oracle):
+    def _oracle_features(self, x: torch.Tensor, featurizer: nn.Module | None) -> list[torch.Tensor]:
+        # Normalised as the trained featurizer is now, so the penalty compares like with like.
+        with torch.no_grad(), batch_norm_modes_of(self.oracle, featurizer):
             with captured_outputs(stem_and_stages(self.oracle, "MIRO")) as features:
                 self.oracle(x)
         return features
@@ -112,13 +143,12 @@ class MIRO(DGAlgorithm):
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         if self.oracle is None:
             raise RuntimeError("MIRO.setup_network(network) must be called before training")
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         with captured_outputs(stem_and_stages(network.featurizer, "MIRO")) as features:
             logits = network(x)
         classification = F.cross_entropy(logits, y)
         variances = [encoder() for encoder in self.variance_encoders]
-        penalty = miro_penalty(features, self._oracle_features(x), variances)
+        penalty = miro_penalty(features, self._oracle_features(x, network.featurizer), variances)
         return AlgorithmOutput(
             classification + self.miro_lambda * penalty,
             {"classification_loss": classification.detach(), "miro_penalty": penalty.detach()},

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, pooled
 from genie_dg.algorithms.timm_resnet import RESIDUAL_STAGES, require_resnet
 
 
@@ -74,6 +74,15 @@ class MixStyle(DGAlgorithm):
     training mode. Deviation: whether a layer mixes a batch is drawn from torch's (seeded)
     generator, like the pairing and the weights, instead of Python's ``random``. The
     domain-label variant (``Mixstyle2``) is not implemented.
+
+    Batch normalisation: the reference trains with the ResNet's batch-norm layers in evaluation
+    mode (khanrc/swad's ``hparams_registry.py`` sets ``freeze_bn`` true for every algorithm, and
+    its ``Mixstyle`` builds the featurizer through ``networks.ResNet``, which honours it), so the
+    layers after a MixStyle layer normalise the re-styled maps with the pretrained statistics.
+    Here that is ``backbone.freeze_bn``: with ``true`` (the image datasets' default) training
+    matches the reference; with ``false`` those layers normalise by the re-styled batch and
+    their running statistics follow it. Mixing depends only on the stage's mode, so it is
+    active in training either way.
     """
 
     def __init__(
@@ -114,6 +123,5 @@ class MixStyle(DGAlgorithm):
         ]
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         return AlgorithmOutput(F.cross_entropy(network(x), y))

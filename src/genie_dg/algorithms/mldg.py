@@ -4,43 +4,26 @@ first-order, as DomainBed defines it."""
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, OptimizerFactory, hparam
-from genie_dg.errors import UserInputError
-from genie_dg.optim import differentiates_gradient
+from genie_dg.algorithms.base import (
+    AlgorithmOutput,
+    DGAlgorithm,
+    DomainBatch,
+    OptimizerFactory,
+    build_inner_optimizer,
+    hparam,
+    pooled,
+    refuse_second_order,
+)
 
 if TYPE_CHECKING:
     from lightning import LightningModule
-
-
-def refuse_second_order(algorithm: str, optimizer: torch.optim.Optimizer) -> None:
-    """Raise for an optimizer that differentiates the gradient (AdaHessian, GAM): an update
-    composed from copies of the network is no loss's gradient, it has no Hessian to take."""
-    if differentiates_gradient(optimizer):
-        raise UserInputError(
-            f"{algorithm} composes its update from copies of the network, so optimizer "
-            f"{type(optimizer).__name__} has no Hessian to take; choose a first-order optimizer"
-        )
-
-
-def build_inner_optimizer(factory: OptimizerFactory, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The configured optimizer over a network copy's parameters, for inner updates.
-
-    An optimizer with its own seed (GENIE) gets one drawn from torch's generator: with the
-    configured seed its noise and mask would repeat the outer optimizer's and, when built
-    afresh each step, repeat themselves every step.
-    """
-    if "seed" in inspect.signature(factory).parameters:
-        return factory(params, seed=int(torch.randint(2**62, ())))
-    return factory(params)
 
 
 def meta_train_test_pairs(
@@ -87,9 +70,11 @@ class MLDG(DGAlgorithm):
     Deviations: the copy is made once and reloaded with the network's weights for each pair
     (the same as a fresh deep copy); the composed gradient is applied by back-propagating
     ``sum(parameter * gradient)``, so mixed-precision loss scaling and DistributedDataParallel's
-    gradient averaging apply to it; DomainBed never updates the network's batch-norm running
-    statistics (its backbones freeze batch norm or use group norm), here the statistics the
-    copy gathers are copied back after each pair. ``n_meta_test`` must leave at least one
+    gradient averaging apply to it; DomainBed runs its forward passes on the copies only, so
+    the network's batch-norm running statistics never move (moot where they are frozen, as in
+    DomainBed's ResNet at commit 6b21583 or with ``backbone.freeze_bn=true`` here, and for
+    group norm, DomainBed's MNIST network), while here the statistics the copy gathers are
+    copied back after each pair. ``n_meta_test`` must leave at least one
     meta-train domain (DomainBed silently trains on nothing then). Optimizers that differentiate
     the gradient (AdaHessian, GAM) are refused: the composed gradient is no loss's gradient.
     With a single training domain (``allow_degenerate=true``) a step is ERM's.
@@ -139,7 +124,7 @@ class MLDG(DGAlgorithm):
         network = module.network
         optimizer.zero_grad()
         if not self.penalty_active:
-            x, y = torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches])
+            x, y = pooled(batches)
             loss = F.cross_entropy(network(x), y)
             module.manual_backward(loss)
             optimizer.step()

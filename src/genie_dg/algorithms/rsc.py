@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, pooled
 
 
 def rsc_keep_mask(
@@ -83,8 +83,7 @@ class RSC(DGAlgorithm):
         )
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         features = network.features(x)
         keep = rsc_keep_mask(network.head, features, y, self.rsc_f_drop_factor, self.rsc_b_drop_factor)
         loss = F.cross_entropy(network.head(features * keep), y)

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, OptimizerFactory, hparam
+from genie_dg.algorithms.base import (
+    AlgorithmOutput,
+    DGAlgorithm,
+    DomainBatch,
+    OptimizerFactory,
+    hparam,
+    pooled,
+)
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -126,8 +133,7 @@ class SagNet(DGAlgorithm):
         return SagNetLosses(content, style, self.sag_w_adv * adversarial)
 
     def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
-        x = torch.cat([b.x for b in batches])
-        y = torch.cat([b.y for b in batches])
+        x, y = pooled(batches)
         optimizer = module.optimizers()
         evaluated: list[SagNetLosses] = []
 

@@ -23,8 +23,8 @@ class VREx(AnnealedPenalty):
     As DomainBed's ``VREx``: one forward pass over all domains' samples; the penalty weight is
     1 for the first ``vrex_penalty_anneal_iters`` steps and ``vrex_lambda`` from then on.
     DomainBed also rebuilds its Adam optimizer at the switching step (as for IRM);
-    ``reset_optimizer_on_anneal=True`` does the same here by clearing the optimizer's state at
-    that step (off by default; see :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
+    ``reset_optimizer_on_anneal=True`` (the default) does the same here by clearing the
+    optimizer's state at that step (see :class:`~genie_dg.algorithms.base.AnnealedPenalty`).
     """
 
     def __init__(
@@ -34,7 +34,7 @@ class VREx(AnnealedPenalty):
         num_features: int,
         vrex_lambda: float = 10.0,
         vrex_penalty_anneal_iters: int = 500,
-        reset_optimizer_on_anneal: bool = False,
+        reset_optimizer_on_anneal: bool = True,
         **base: Any,
     ) -> None:
         super().__init__(num_classes, num_domains, num_features, reset_optimizer_on_anneal, **base)

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
-from genie_dg.algorithms.base import DGAlgorithm, DomainBatch
+from genie_dg.algorithms.base import DGAlgorithm, DomainBatch, StepContext
 from genie_dg.errors import UserInputError
 from genie_dg.models.backbone import Classifier
 from genie_dg.optim import differentiates_gradient, evaluates_closure
@@ -113,7 +113,11 @@ class DGModule(LightningModule):
             if output.reset_optimizer and first_pass:
                 self._reset_optimizer_state()
         else:
-            output = self.algorithm.manual_step(self, batches)
+            optimizers = self.optimizers()
+            step = StepContext(
+                self.network, optimizers if isinstance(optimizers, list) else [optimizers], self.manual_backward
+            )
+            output = self.algorithm.manual_step(step, batches)
             self._share_rank_zero_buffers()
         if not torch.isfinite(output.loss):
             raise FloatingPointError(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genie_dg.algorithms import DomainBatch
+from genie_dg.algorithms import DomainBatch, StepContext
 from genie_dg.models import Classifier
 from genie_dg.module import DGModule
 from genie_dg.pipeline import build
@@ -29,26 +29,22 @@ class Identity(nn.Module):
 
 
 class ManualModule:
-    """What ``manual_step`` uses of the LightningModule: the network, the optimizer (or list of
-    optimizers) and backward; ``steps`` counts the optimizer steps."""
+    """Stands in for the training loop of a manually optimized method: ``context`` is the
+    :class:`StepContext` its ``manual_step`` gets (the network, the optimizers, plain
+    ``loss.backward()``); ``steps`` counts the optimizer steps."""
 
     def __init__(
         self, network: nn.Module, optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer]
     ) -> None:
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         self.network = network
-        self._optimizers = optimizers
+        self.context = StepContext(network, optimizers, torch.Tensor.backward)
         self.steps = 0
-        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+        for optimizer in optimizers:
             optimizer.register_step_post_hook(self._count_step)
 
     def _count_step(self, *_: object) -> None:
         self.steps += 1
-
-    def optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
-        return self._optimizers
-
-    def manual_backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
 
 @pytest.fixture
@@ -79,8 +75,8 @@ def make_batches() -> Callable[..., list[DomainBatch]]:
 
 @pytest.fixture
 def manual_module() -> type[ManualModule]:
-    """:class:`ManualModule`: ``manual_module(network, optimizers)`` stands in for the
-    LightningModule in a method's ``manual_step``."""
+    """:class:`ManualModule`: ``manual_module(network, optimizers).context`` is what a method's
+    ``manual_step`` gets from the training loop."""
     return ManualModule
 
 

@@ -20,10 +20,10 @@ SGD = functools.partial(torch.optim.SGD, lr=0.1)
 def _run(algorithm, module, steps: int, batches: list[DomainBatch]) -> str:
     """Train ``steps`` steps through ``module``; returns the optimizer stepped at each, 'D' or 'G'."""
     stepped: list[str] = []
-    for name, optimizer in zip("DG", module.optimizers()):
+    for name, optimizer in zip("DG", module.context.optimizers):
         optimizer.register_step_post_hook(lambda *_, name=name: stepped.append(name))
     for step in range(steps):
-        algorithm.manual_step(module, batches)
+        algorithm.manual_step(module.context, batches)
         assert module.steps == step + 1, "exactly one optimizer step per training step"
         algorithm.update_count += 1
     return "".join(stepped)
@@ -72,7 +72,7 @@ def test_discriminator_step_moves_only_the_discriminator_and_generator_step_only
     for step, trains in enumerate(["network", "discriminator"]):
         net_before = [p.detach().clone() for p in network.parameters()]
         disc_before = [p.detach().clone() for p in dann.discriminator.parameters()]
-        out = dann.manual_step(module, make_batches())
+        out = dann.manual_step(module.context, make_batches())
         net_moved = any(not torch.equal(a, p) for a, p in zip(net_before, network.parameters()))
         disc_moved = any(not torch.equal(a, p) for a, p in zip(disc_before, dann.discriminator.parameters()))
         assert (net_moved, disc_moved) == (trains == "network", trains == "discriminator"), step
@@ -90,7 +90,7 @@ def test_generator_loss_is_classification_minus_lambda_times_discriminator_loss(
     domains = torch.tensor([0] * 6 + [1] * 6)
     classification = F.cross_entropy(network(x), y)
     disc = F.cross_entropy(dann.discriminator(x), domains)
-    out = dann.manual_step(manual_module(network, optimizers), batches)  # step 0: generator
+    out = dann.manual_step(manual_module(network, optimizers).context, batches)  # step 0: generator
     assert out.metrics["discriminator_step"].item() == 0.0
     assert torch.allclose(out.loss, classification - 0.3 * disc)
     assert torch.allclose(out.metrics["discriminator_loss"], disc)

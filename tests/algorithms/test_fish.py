@@ -35,7 +35,7 @@ def test_fish_with_plain_sgd_moves_meta_lr_of_the_way_to_the_inner_loops_weights
     for batch in batches:  # one SGD step per domain, in order
         gw, gb = linear_gradient(inner_w, inner_b, batch.x, batch.y)
         inner_w, inner_b = inner_w - lr * gw, inner_b - lr * gb
-    fish.manual_step(module, batches)
+    fish.manual_step(module.context, batches)
     assert module.steps == 1
     assert torch.allclose(network.head.weight, w + meta_lr * (inner_w - w), atol=1e-6)
     assert torch.allclose(network.head.bias, b + meta_lr * (inner_b - b), atol=1e-6)
@@ -46,8 +46,8 @@ def test_fish_outer_optimizer_has_no_weight_decay_and_the_inner_one_keeps_it(
 ):
     network = make_network()
     fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01))
-    assert module.optimizers().param_groups[0]["weight_decay"] == 0.0
-    fish.manual_step(module, make_batches())
+    assert module.context.optimizer.param_groups[0]["weight_decay"] == 0.0
+    fish.manual_step(module.context, make_batches())
     _, inner_optimizer = fish._inner_loop(network)
     assert inner_optimizer.param_groups[0]["weight_decay"] == 0.01
 
@@ -59,14 +59,14 @@ def test_fish_inner_optimizer_keeps_its_state_across_steps_and_through_a_checkpo
     adam = functools.partial(torch.optim.Adam, lr=0.01)
     fish, module = make_fish(network, adam, n_domains=3)
     for _ in range(2):
-        fish.manual_step(module, batches)
+        fish.manual_step(module.context, batches)
     _, inner_optimizer = fish._inner_loop(network)
     steps = [int(s["step"]) for s in inner_optimizer.state.values()]
     assert steps == [6, 6], "two training steps of three domains each"
     state = fish.state_dict()
     resumed, resumed_module = make_fish(make_network(), adam, n_domains=3)
     resumed.load_state_dict(state)
-    resumed.manual_step(resumed_module, batches)
+    resumed.manual_step(resumed_module.context, batches)
     _, resumed_inner = resumed._inner_loop(resumed_module.network)
     assert [int(s["step"]) for s in resumed_inner.state.values()] == [9, 9]
 
@@ -77,7 +77,7 @@ def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters(
     bn = nn.BatchNorm1d(3)
     network, batches = make_network(featurizer=bn), make_batches()
     fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1), meta_lr=0.5)
-    fish.manual_step(module, batches)
+    fish.manual_step(module.context, batches)
     # The copy's running mean after its two forwards (momentum 0.1, starting at 0).
     inner_mean = 0.9 * (0.1 * batches[0].x.mean(0)) + 0.1 * batches[1].x.mean(0)
     assert torch.allclose(bn.running_mean, 0.5 * inner_mean, atol=1e-6)
@@ -103,7 +103,7 @@ def test_fish_refuses_a_single_training_domain_unless_allowed(make_network, make
     sgd = functools.partial(torch.optim.SGD, lr=0.5)
     module = manual_module(network, fish.configure_optimizers(network, sgd))
     before = F.cross_entropy(network(batches[0].x), batches[0].y)
-    out = fish.manual_step(module, batches)
+    out = fish.manual_step(module.context, batches)
     assert torch.allclose(out.loss, before)
     assert F.cross_entropy(network(batches[0].x), batches[0].y) < before
 

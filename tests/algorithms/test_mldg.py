@@ -48,7 +48,7 @@ def test_mldg_step_applies_meta_train_plus_beta_meta_test_gradient(
     torch.manual_seed(5)
     i, j = torch.randperm(2).tolist()
     torch.manual_seed(5)
-    out = mldg.manual_step(module, batches)
+    out = mldg.manual_step(module.context, batches)
     gw_i, gb_i = linear_gradient(w, b, batches[i].x, batches[i].y)
     gw_j, gb_j = linear_gradient(w - lr * gw_i, b - lr * gb_i, batches[j].x, batches[j].y)
     # One pair over two domains: the gradient is (G_i + beta * G_j) / 2.
@@ -67,7 +67,7 @@ def test_mldg_copies_the_batch_norm_statistics_the_inner_network_gathers(
     network, batches = make_network(featurizer=bn), make_batches(n_domains=3)
     mldg = MLDG(2, 3, 3, n_meta_test=1)
     module = manual_module(network, mldg.configure_optimizers(network, _sgd(0.1)))
-    mldg.manual_step(module, batches)
+    mldg.manual_step(module.context, batches)
     # Two pairs, each a forward on the meta-train then on the meta-test minibatch.
     assert int(bn.num_batches_tracked) == 4
     assert not torch.equal(bn.running_mean, torch.zeros(3))
@@ -91,7 +91,7 @@ def test_mldg_refuses_a_single_training_domain_unless_allowed_then_steps_as_erm(
     network, batches = make_network(), make_batches(n_domains=1)
     module = manual_module(network, mldg.configure_optimizers(network, _sgd(0.5)))
     w, b = network.head.weight.detach().clone(), network.head.bias.detach().clone()
-    mldg.manual_step(module, batches)
+    mldg.manual_step(module.context, batches)
     gw, gb = linear_gradient(w, b, batches[0].x, batches[0].y)
     assert torch.allclose(network.head.weight, w - 0.5 * gw, atol=1e-6)
     assert torch.allclose(network.head.bias, b - 0.5 * gb, atol=1e-6)

@@ -1,15 +1,18 @@
-"""Every DG method has exactly one config, and every config builds its method."""
+"""Every DG method has exactly one config, and every config builds its method; the seam that
+manually optimized methods get from the training loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
+from torch import nn
 
 import genie_dg.algorithms as algorithms
-from genie_dg.algorithms import DGAlgorithm
+from genie_dg.algorithms import DGAlgorithm, StepContext
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "algorithm"
 CONFIGS = sorted(CONF.glob("*.yaml"))
@@ -35,3 +38,12 @@ def test_config_builds_its_method_with_declared_search_space(path):
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if not k.startswith("_") and k != "search"}
     method = cls(num_classes=3, num_domains=3, num_features=8, input_shape=(3, 16, 16), **kwargs)
     assert int(method.update_count) == 0
+
+
+def test_step_context_names_its_one_optimizer_and_refuses_to_guess_among_several():
+    network = nn.Linear(2, 2)
+    adam = torch.optim.Adam(network.parameters())
+    assert StepContext(network, [adam], torch.Tensor.backward).optimizer is adam
+    pair = StepContext(network, [adam, torch.optim.SGD(network.parameters(), lr=0.1)], torch.Tensor.backward)
+    with pytest.raises(ValueError, match="2 optimizers, not one"):
+        pair.optimizer

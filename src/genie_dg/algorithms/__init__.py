@@ -1,7 +1,7 @@
 """Pluggable DG methods; each is one file here plus one ``conf/algorithm/<name>.yaml``."""
 
 from genie_dg.algorithms.arm import ARM
-from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch
+from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, StepContext
 from genie_dg.algorithms.coral import CORAL, coral_distance
 from genie_dg.algorithms.dann import CDANN, DANN
 from genie_dg.algorithms.erm import ERM
@@ -40,6 +40,7 @@ __all__ = [
     "MixStyle",
     "Mixup",
     "SagNet",
+    "StepContext",
     "VREx",
     "coral_distance",
 ]

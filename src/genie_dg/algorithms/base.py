@@ -10,7 +10,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,6 @@ from torch import nn
 
 from genie_dg.errors import UserInputError
 from genie_dg.optim import differentiates_gradient
-
-if TYPE_CHECKING:
-    from lightning import LightningModule
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -48,6 +45,29 @@ class AlgorithmOutput:
     reset_optimizer: bool = False
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What a manually optimized method gets of the training loop for one step.
+
+    ``optimizers`` come in the order :meth:`DGAlgorithm.configure_optimizers` returned them
+    (Lightning's wrappers during training). ``backward`` back-propagates a loss the way the
+    loop does (``LightningModule.manual_backward``: mixed-precision scaling, DDP's gradient
+    averaging, ``create_graph`` for optimizers that differentiate the gradient), so a method
+    calls it instead of ``loss.backward()``.
+    """
+
+    network: nn.Module
+    optimizers: Sequence[torch.optim.Optimizer]
+    backward: Callable[[torch.Tensor], None]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The one optimizer of a method that configures one."""
+        if len(self.optimizers) != 1:
+            raise ValueError(f"this step has {len(self.optimizers)} optimizers, not one")
+        return self.optimizers[0]
+
+
 class DGAlgorithm(nn.Module):
     """Base of every DG method: turns one step's per-domain minibatches into a loss.
 
@@ -55,7 +75,8 @@ class DGAlgorithm(nn.Module):
     the optimizer, so closure-based optimizers such as SAM re-evaluate the whole loss, penalties
     included). A method that needs several optimizers or inner updates sets
     ``automatic_optimization = False`` and implements :meth:`manual_step` with Lightning's
-    manual optimization instead; it then makes exactly one optimizer step per training step,
+    manual optimization instead (it gets a :class:`StepContext`, not the LightningModule); it
+    then makes exactly one optimizer step per training step,
     so ``trainer.max_steps`` still counts training steps.
 
     Extra networks are submodules, so they are checkpointed and, through
@@ -108,8 +129,9 @@ class DGAlgorithm(nn.Module):
         """The loss to minimise for this step (automatic optimization)."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_loss")
 
-    def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
-        """Back-propagate and step ``module.optimizers()`` itself (manual optimization)."""
+    def manual_step(self, step: StepContext, batches: list[DomainBatch]) -> AlgorithmOutput:
+        """Back-propagate with ``step.backward`` and step ``step.optimizers`` itself (manual
+        optimization)."""
         raise NotImplementedError(f"{type(self).__name__} must implement manual_step")
 
     def predict(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:

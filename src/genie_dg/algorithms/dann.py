@@ -5,7 +5,7 @@ as DomainBed defines them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,10 @@ from genie_dg.algorithms.base import (
     DGAlgorithm,
     DomainBatch,
     OptimizerFactory,
+    StepContext,
     hparam,
     pooled,
 )
-
-if TYPE_CHECKING:
-    from lightning import LightningModule
 
 
 def discriminator_mlp(inputs: int, outputs: int, width: int, depth: int, dropout: float) -> nn.Sequential:
@@ -70,7 +68,7 @@ class AbstractDANN(DGAlgorithm):
     counter ``t = update_count + 1`` (DomainBed increments it before choosing), step ``t`` is a
     discriminator step when ``t % (1 + d_steps_per_g_step) < d_steps_per_g_step``: the first step
     is a generator step and then ``d_steps_per_g_step`` discriminator steps follow each generator
-    step. Exactly one of the two optimizers steps per training step. ``module.optimizers()`` is
+    step. Exactly one of the two optimizers steps per training step. ``step.optimizers`` is
     ``[discriminator optimizer, generator optimizer]``.
 
     Both optimizers are the configured optimizer (``optimizer_factory``); ``lr_d``, ``lr_g`` and
@@ -186,9 +184,9 @@ class AbstractDANN(DGAlgorithm):
         penalty = input_grad.pow(2).sum(1).mean(0)
         return loss + self.grad_penalty * penalty, penalty
 
-    def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
-        discriminator_optimizer, generator_optimizer = module.optimizers()
-        network = module.network
+    def manual_step(self, step: StepContext, batches: list[DomainBatch]) -> AlgorithmOutput:
+        discriminator_optimizer, generator_optimizer = step.optimizers
+        network = step.network
         x, y = pooled(batches)
         # The discriminator classifies the position of the domain among the training domains.
         domains = torch.cat([torch.full_like(b.y, i) for i, b in enumerate(batches)])
@@ -200,7 +198,7 @@ class AbstractDANN(DGAlgorithm):
             # A leaf that requires grad, so the penalty can differentiate with respect to it.
             disc_loss, penalty = self.discriminator_loss(features.requires_grad_(), y, domains)
             discriminator_optimizer.zero_grad()
-            module.manual_backward(disc_loss)
+            step.backward(disc_loss)
             discriminator_optimizer.step()
             return AlgorithmOutput(disc_loss.detach(), self._metrics(classification, disc_loss, penalty, True))
 
@@ -212,7 +210,7 @@ class AbstractDANN(DGAlgorithm):
             loss = classification - self.dann_lambda * disc_loss
         discriminator_optimizer.zero_grad()
         generator_optimizer.zero_grad()
-        module.manual_backward(loss)
+        step.backward(loss)
         generator_optimizer.step()
         return AlgorithmOutput(loss.detach(), self._metrics(classification, disc_loss, penalty, False))
 

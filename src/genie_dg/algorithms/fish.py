@@ -4,7 +4,7 @@ defines it."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +15,12 @@ from genie_dg.algorithms.base import (
     DGAlgorithm,
     DomainBatch,
     OptimizerFactory,
+    StepContext,
     build_inner_optimizer,
     hparam,
     refuse_second_order,
 )
 from genie_dg.errors import UserInputError
-
-if TYPE_CHECKING:
-    from lightning import LightningModule
 
 
 class Fish(DGAlgorithm):
@@ -100,9 +98,9 @@ class Fish(DGAlgorithm):
         else:
             self._pending_inner_state = saved
 
-    def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
-        optimizer = module.optimizers()
-        network = module.network
+    def manual_step(self, step: StepContext, batches: list[DomainBatch]) -> AlgorithmOutput:
+        optimizer = step.optimizer
+        network = step.network
         inner, inner_optimizer = self._inner_loop(network)
         inner.load_state_dict(network.state_dict())
         losses = []
@@ -121,7 +119,7 @@ class Fish(DGAlgorithm):
                 surrogate.append((p * direction).sum())
         optimizer.zero_grad()
         # Back-propagated, not assigned, so loss scaling and DDP's gradient averaging apply.
-        module.manual_backward(torch.stack(surrogate).sum())
+        step.backward(torch.stack(surrogate).sum())
         optimizer.step()
         with torch.no_grad():
             for buffer, inner_buffer in zip(network.buffers(), inner.buffers()):

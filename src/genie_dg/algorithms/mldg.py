@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,12 @@ from genie_dg.algorithms.base import (
     DGAlgorithm,
     DomainBatch,
     OptimizerFactory,
+    StepContext,
     build_inner_optimizer,
     hparam,
     pooled,
     refuse_second_order,
 )
-
-if TYPE_CHECKING:
-    from lightning import LightningModule
 
 
 def meta_train_test_pairs(
@@ -119,14 +117,14 @@ class MLDG(DGAlgorithm):
             self._copy.append(copy.deepcopy(network))
         return self._copy[0]
 
-    def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
-        optimizer = module.optimizers()
-        network = module.network
+    def manual_step(self, step: StepContext, batches: list[DomainBatch]) -> AlgorithmOutput:
+        optimizer = step.optimizer
+        network = step.network
         optimizer.zero_grad()
         if not self.penalty_active:
             x, y = pooled(batches)
             loss = F.cross_entropy(network(x), y)
-            module.manual_backward(loss)
+            step.backward(loss)
             optimizer.step()
             return AlgorithmOutput(loss.detach())
 
@@ -153,7 +151,7 @@ class MLDG(DGAlgorithm):
             meta_train_losses.append(meta_train_loss.detach())
             meta_test_losses.append(meta_test_loss.detach())
 
-        module.manual_backward(sum((p * g).sum() for p, g in zip(params, gradient)))
+        step.backward(sum((p * g).sum() for p, g in zip(params, gradient)))
         optimizer.step()
         meta_train = torch.stack(meta_train_losses)
         meta_test = torch.stack(meta_test_losses)

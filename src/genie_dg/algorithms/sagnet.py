@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +15,10 @@ from genie_dg.algorithms.base import (
     DGAlgorithm,
     DomainBatch,
     OptimizerFactory,
+    StepContext,
     hparam,
     pooled,
 )
-
-if TYPE_CHECKING:
-    from lightning import LightningModule
 
 # DomainBed's variance floor when normalising features.
 STYLE_EPS = 1e-5
@@ -132,15 +130,15 @@ class SagNet(DGAlgorithm):
         adversarial = -F.log_softmax(adversarial_logits, dim=1).mean(1).mean()
         return SagNetLosses(content, style, self.sag_w_adv * adversarial)
 
-    def manual_step(self, module: LightningModule, batches: list[DomainBatch]) -> AlgorithmOutput:
+    def manual_step(self, step: StepContext, batches: list[DomainBatch]) -> AlgorithmOutput:
         x, y = pooled(batches)
-        optimizer = module.optimizers()
+        optimizer = step.optimizer
         evaluated: list[SagNetLosses] = []
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            losses = self.losses(module.network, x, y)
-            module.manual_backward(losses.total())
+            losses = self.losses(step.network, x, y)
+            step.backward(losses.total())
             evaluated.append(losses)
             return losses.total()
 

@@ -1,5 +1,5 @@
 """Time ``tanh`` in inductor's CPU code against eager ``torch.tanh``: why compiled GENIE computes
-``lam = tanh(...)`` with :func:`genie_dg.optim.genie._tanh_nonnegative` (Cephes' polynomial and
+``lam = tanh(...)`` with :func:`genie_dg.optim.genie.tanh_nonnegative` (Cephes' polynomial and
 ``exp``) instead of ``torch.tanh``.
 
 Not a test. Each row writes ``f(x)`` into a preallocated tensor of ``--numel`` float32 values
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from genie_dg.optim.genie import _tanh_nonnegative
+from genie_dg.optim.genie.formulas import tanh_nonnegative
 
 
 def _into(f):
@@ -36,7 +36,7 @@ def rows() -> list[tuple[str, object]]:
     return [
         ("eager torch.tanh", lambda x, out: torch.tanh(x, out=out)),
         ("compiled torch.tanh (inductor: Sleef)", torch.compile(_into(torch.tanh))),
-        ("compiled _tanh_nonnegative (Cephes)", torch.compile(_into(_tanh_nonnegative))),
+        ("compiled tanh_nonnegative (Cephes)", torch.compile(_into(tanh_nonnegative))),
         ("compiled torch.exp", torch.compile(_into(torch.exp))),
         ("eager torch.exp", lambda x, out: torch.exp(x, out=out)),
     ]

@@ -59,6 +59,8 @@ def test_config_has_a_valid_search_and_builds_with_overrides(make_config, name):
     assert search, "every optimizer declares its search distribution"
     for key, spec in search.items():
         assert key in cfg.optimizer, f"search key {key} is not an argument of the config"
+        if spec is None:  # a null spec switches that search off (genie_dg.sweep)
+            continue
         if spec["dist"] == "choice":
             assert len(spec["values"]) >= 2
         else:
@@ -268,14 +270,27 @@ def test_fad_step_matches_the_hand_computed_update():
     adversarial = theta + rho * _unit(g1 - g0)
     g2 = grad(adversarial)
     g3 = grad(adversarial + rho * _unit(g2))
-    expected = theta - lr * (g0 + alpha * (g1 - g0) + beta * (g3 - g2))
+    expected = theta - lr * (g0 + beta * (alpha * (g1 - g0) + (1 - alpha) * (g3 - g2)))
     np.testing.assert_allclose(model.theta(), expected, rtol=1e-10)
 
 
-def test_fad_with_alpha_one_and_beta_zero_is_sam():
+def test_fad_defaults_are_the_reconstruction_of_issue_18():
+    x, s, theta, _, _ = _logistic_problem()
+    optimizer = FAD(_Logistic(theta, x, s).parameters(), base_optimizer=torch.optim.SGD, lr=0.1)
+    assert (optimizer.rho, optimizer.alpha, optimizer.beta) == (0.05, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_fad_refuses_alpha_outside_zero_one(alpha):
+    x, s, theta, _, _ = _logistic_problem()
+    with pytest.raises(ValueError, match="0 <= alpha <= 1"):
+        FAD(_Logistic(theta, x, s).parameters(), base_optimizer=torch.optim.SGD, alpha=alpha, lr=0.1)
+
+
+def test_fad_with_alpha_one_and_beta_one_is_sam():
     x, s, theta, _, _ = _logistic_problem()
     fad, sam = _Logistic(theta, x, s), _Logistic(theta, x, s)
-    _step(FAD, fad, create_graph=False, rho=0.3, alpha=1.0, beta=0.0, lr=0.5)
+    _step(FAD, fad, create_graph=False, rho=0.3, alpha=1.0, beta=1.0, lr=0.5)
     _step(SAM, sam, create_graph=False, rho=0.3, lr=0.5)
     np.testing.assert_allclose(fad.theta(), sam.theta(), rtol=1e-6)  # SAM's norm is float32
 

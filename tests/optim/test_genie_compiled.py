@@ -13,9 +13,18 @@ import pytest
 import torch
 
 from genie_dg.optim import GENIE
-from genie_dg.optim.genie import _compiled_mask, _mask_threshold, _tanh_nonnegative
+from genie_dg.optim.genie.compiled import compiled_mask, mask_threshold
+from genie_dg.optim.genie.formulas import tanh_nonnegative
 
 SHAPES = [(8, 4), (16,), (3, 3, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Dynamo allows recompile_limit graphs per function in a process; this module compiles more
+    # configurations than that in all (inductor's on-disk cache keeps the recompiles cheap).
+    torch._dynamo.reset()
+    yield
 
 
 def _params(dtype=torch.float32):
@@ -64,7 +73,7 @@ def test_mask_is_the_documented_hash_of_generator_keys():
     opt_e = GENIE(eager, lr=lr, seed=3, noise=False, mask=False, foreach=True)
     opt_c = GENIE(fused, lr=lr, seed=3, noise=False, p=p_drop, compiled=True)
     gen = torch.Generator().manual_seed(3)
-    thr = _mask_threshold(p_drop)
+    thr = mask_threshold(p_drop)
     scale = (1 << 24) / ((1 << 24) - thr)
     expected = [p.detach().clone() for p in fused]
     for k in range(3):
@@ -73,7 +82,7 @@ def test_mask_is_the_documented_hash_of_generator_keys():
         _train(fused, opt_c, 1, start=k)
         keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(SHAPES),), generator=gen, dtype=torch.int64)
         for j, (b, a) in enumerate(zip(before, eager)):
-            keep = _compiled_mask(b, keys[j], torch.tensor(thr))
+            keep = compiled_mask(b, keys[j], torch.tensor(thr))
             expected[j] = expected[j] + (a.detach() - b) * keep * scale
     for e, f in zip(expected, fused):
         torch.testing.assert_close(f.detach(), e, rtol=1e-5, atol=1e-6)
@@ -82,26 +91,26 @@ def test_mask_is_the_documented_hash_of_generator_keys():
 
 def test_hash_mask_drops_a_fraction_p_independently_per_key():
     param = torch.empty(200_000)
-    thr = torch.tensor(_mask_threshold(0.3))
-    a = _compiled_mask(param, torch.tensor(12345), thr)
-    b = _compiled_mask(param, torch.tensor(12346), thr)
+    thr = torch.tensor(mask_threshold(0.3))
+    a = compiled_mask(param, torch.tensor(12345), thr)
+    b = compiled_mask(param, torch.tensor(12346), thr)
     assert abs(1 - a.float().mean().item() - 0.3) < 0.005
     # neighbouring keys, and neighbouring coordinates, are unrelated:
     # agreement ~ 0.7^2 + 0.3^2 = 0.58
     assert abs((a == b).float().mean().item() - 0.58) < 0.01
     assert abs((a[1:] == a[:-1]).float().mean().item() - 0.58) < 0.01
-    high = _compiled_mask(param, torch.tensor(12345 + (1 << 40)), thr)
+    high = compiled_mask(param, torch.tensor(12345 + (1 << 40)), thr)
     assert abs((a == high).float().mean().item() - 0.58) < 0.01
 
 
 def test_kernel_tanh_is_within_two_float32_ulps_of_torch_tanh():
     x = torch.cat([torch.zeros(1), torch.logspace(-30, 2, 200_001), torch.tensor([1e30, float("inf")])])
-    got, want = _tanh_nonnegative(x), torch.tanh(x.double())
+    got, want = tanh_nonnegative(x), torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * want.clamp(min=torch.finfo(torch.float32).tiny)
     assert ((got.double() - want).abs() <= 2 * ulp).all()
-    assert torch.equal(_tanh_nonnegative(torch.tensor([9.5, 10.0])), torch.ones(2))  # lam = 1: no noise
+    assert torch.equal(tanh_nonnegative(torch.tensor([9.5, 10.0])), torch.ones(2))  # lam = 1: no noise
     x64 = x.double()
-    assert torch.equal(_tanh_nonnegative(x64), torch.tanh(x64))
+    assert torch.equal(tanh_nonnegative(x64), torch.tanh(x64))
 
 
 def test_resume_from_state_dict_is_bit_identical():

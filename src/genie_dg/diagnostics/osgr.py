@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
-from genie_dg.optim.genie import GENIE, _group_hparams, _stats_terms
+from genie_dg.optim.genie import GENIE, Hyperparameters, preconditioner
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -246,10 +246,10 @@ def _preconditioner(optimizer: Optimizer, group: dict, state: dict) -> Tensor | 
         return None
     step = int(state["step"])
     if isinstance(optimizer, GENIE):
-        hparams = _group_hparams(group)
-        if not hparams["preconditioning"]:
+        hp = Hyperparameters.of_group(group)
+        if not hp.preconditioning:
             return None
-        return _stats_terms(state["m"], state["s"], step, hparams)[1]
+        return preconditioner(state["m"], state["s"], step, beta=hp.beta, eps=hp.eps, variant=hp.variant).factor
     if "exp_avg_sq" in state and "betas" in group:
         second_moment = state.get("max_exp_avg_sq", state["exp_avg_sq"])
         bias_correction = 1.0 - group["betas"][1] ** step

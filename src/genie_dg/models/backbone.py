@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from genie_dg.errors import UserInputError
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def _cached_weights(name: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        return None
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(repo, filename)
-        if isinstance(path, str):
-            return path
-    return None
+from genie_dg.models.weights import (
+    WeightsRecord,
+    cache_file,
+    hf_cached_file,
+    hub_reachable,
+    load_weights,
+    sha256_of,
+)
 
 
 def create_backbone(
@@ -46,39 +25,59 @@ def create_backbone(
     pretrained: bool = False,
     weights: str | None = None,
     in_chans: int = 3,
+    weights_keys: str = "timm",
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``: a feature extractor with ``num_features``.
 
-    Pretrained weights come from ``weights`` (a local timm checkpoint, any classifier head is
-    dropped) or, with ``pretrained=True``, from the local Hugging Face cache or the hub. When
-    neither a file, the cache nor the hub is available this fails at once, instead of after
-    timm's retries. Other keyword arguments go to the timm model (e.g. ``drop_rate``,
-    ``channels``).
+    Its starting weights come from a local file (``weights``; ``weights_keys=in_order`` maps a
+    file that names its tensors another way, tensor by tensor), or with ``pretrained=True`` from
+    genie-dg's weights cache, the Hugging Face cache or the hub, in that order (see
+    :mod:`genie_dg.models.weights`); where none has them this fails at once, instead of after
+    timm's retries. The returned module's ``weights_record`` says which. Other keyword arguments
+    go to the timm model (e.g. ``drop_rate``, ``channels``).
     """
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise UserInputError(f"backbone.name={name!r} is not a timm model; similar names: {close}")
     options: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **kwargs)
     if weights is not None:
-        path = Path(weights).expanduser()
+        path = Path(weights).expanduser().resolve()
         if not path.is_file():
             raise UserInputError(
                 f"backbone.weights={weights}: no such file; give a local timm checkpoint "
                 "(.safetensors/.pth) or set backbone.weights=null"
             )
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **options)
-    if pretrained:
-        cached = _cached_weights(name)
-        if cached is not None:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **options)
-        if not _hub_reachable():
-            raise UserInputError(
-                f"backbone.pretrained=true but the weights of {name} are not in the local cache and "
-                "the model hub cannot be reached; set backbone.weights=/path/to/weights.safetensors "
-                "or backbone.pretrained=false"
-            )
-    return timm.create_model(name, pretrained=pretrained, **options)
+        model = timm.create_model(name, **options)
+        load_weights(model, path, weights_keys)
+        model.weights_record = WeightsRecord("file", name, str(path), sha256_of(path))
+        return model
+    if not pretrained:
+        model = timm.create_model(name, **options)
+        model.weights_record = WeightsRecord("random", name)
+        return model
+    cached = cache_file(name)
+    if cached.is_file():
+        model = timm.create_model(name, **options)
+        load_weights(model, cached, what="the weights cache's file")
+        model.weights_record = WeightsRecord("cache", name, str(cached), sha256_of(cached))
+        return model
+    hub_file = hf_cached_file(name)
+    if hub_file is not None:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": hub_file}, **options)
+        model.weights_record = WeightsRecord("hub", name, hub_file, sha256_of(Path(hub_file)))
+        return model
+    if not hub_reachable():
+        raise UserInputError(
+            f"backbone.pretrained=true but the weights of {name} are in neither the weights cache "
+            f"({cached.parent}) nor the Hugging Face cache, and the model hub cannot be "
+            "reached; run `genie-dg fetch-weights` where there is a network, set "
+            "backbone.weights=/path/to/weights.safetensors, or backbone.pretrained=false"
+        )
+    model = timm.create_model(name, pretrained=True, **options)
+    downloaded = hf_cached_file(name)
+    model.weights_record = WeightsRecord("hub", name, downloaded, downloaded and sha256_of(Path(downloaded)))
+    return model
 
 
 class Classifier(nn.Module):

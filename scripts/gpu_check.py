@@ -265,7 +265,8 @@ def ddp_run(check: Check) -> None:
         overrides += ["trainer.max_steps=300", "trainer.val_check_interval=300", "dataset.eval_batch_size=4096"]
     command = [sys.executable, str(ROOT / "train.py"), *overrides]
     begin = time.perf_counter()
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # A hung process group (NCCL) must not eat the whole check: 300 s is several times the expected run.
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900 if check.tiny else 300)
     wall = time.perf_counter() - begin
     (check.out / "ddp.log").write_text(finished.stdout + finished.stderr)
     result: dict[str, Any] = {

@@ -43,7 +43,7 @@ class Direction(NamedTuple):
     """One tensor's update before noise and mask, and what its noise needs."""
 
     d: Tensor
-    lam: Tensor | None  # None when noise is off
+    lam: Tensor | None  # None when noise is off or lam is exactly 1 everywhere
     pre: Tensor | None  # factor * m_hat, the noise scale's numerator (None when noise is off)
 
 
@@ -72,13 +72,14 @@ def _direction_in_slices(m: Tensor, s: Tensor, g: Tensor, sc: StepScalars, floor
     """:func:`_direction` of a large CPU tensor, computed slice by slice into full-size results."""
     flat = [x.view(-1) for x in (m, s, g)]
     d = torch.empty_like(m)
-    lam = torch.empty_like(m) if hp.noise else None
+    lam = None  # made when a slice has lam < 1 somewhere; lam is exactly 1 where None
     pre = torch.empty_like(m) if hp.noise and not hp.preconditioning and hp.variant == "reference" else None
     for start in range(0, m.numel(), CPU_CHUNK_NUMEL):
         part = slice(start, start + CPU_CHUNK_NUMEL)
         got = _direction(*(x[part] for x in flat), sc, floor, hp)
         d.view(-1)[part].copy_(got.d)
-        if lam is not None:
+        if got.lam is not None:
+            lam = torch.ones_like(m) if lam is None else lam
             lam.view(-1)[part].copy_(got.lam)
         if pre is not None:
             pre.view(-1)[part].copy_(got.pre)

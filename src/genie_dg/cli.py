@@ -33,6 +33,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "count a dataset's images per domain and class against its config; exit 1 on a mismatch",
         "genie_dg.data.verify",
     ),
+    "fetch-weights": Subcommand(
+        "store the pretrained backbone weights a config needs in genie-dg's weights cache "
+        "($GENIE_DG_WEIGHTS), for machines without a network",
+        "genie_dg.models.weights",
+    ),
     "collect": Subcommand(
         "print DomainBed-style result tables of a sweep for each model selection method",
         "genie_dg.results.collect",

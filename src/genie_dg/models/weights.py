@@ -198,3 +198,44 @@ def fetch_weights(name: str) -> Path:
     model = timm.create_model(name, pretrained=True, num_classes=0)
     write_atomically(model.state_dict(), target)
     return target
+
+
+# `genie-dg fetch-weights`: fill the weights cache where there is a network.
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides naming the run(s) whose weights to store, as train.py takes them "
+        "(e.g. dataset=pacs, backbone=resnet50, experiment=sweep_vlcs)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a timm model name with its tag (e.g. resnet50.tv_in1k) to store as well; repeatable",
+    )
+
+
+def run(args: Any) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from genie_dg.data.verify import CONFIG_DIR
+
+    names = list(args.model)
+    if args.overrides or not names:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            backbone = compose(config_name="train", overrides=list(args.overrides)).backbone
+        if not backbone.get("pretrained", False):
+            raise UserInputError(
+                f"backbone {backbone.name} of this config starts from random weights (backbone.pretrained=false): "
+                "nothing to fetch; name a config that fine-tunes, e.g. dataset=pacs"
+            )
+        names.append(str(backbone.name))
+    for name in names:
+        if not timm.is_model(name):
+            raise UserInputError(f"--model {name}: not a timm model name")
+        target = fetch_weights(name)
+        print(f"{name}: {target} (sha256 {sha256_of(target)})")
+    return 0

@@ -10,11 +10,20 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from genie_dg.resolvers import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+register_resolvers()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Long tests (fault injection...) can be left out of a fast tier with -m "not slow".
+    config.addinivalue_line("markers", "slow: a long test (seconds to minutes), e.g. fault injection")
+
 
 # Overrides that shrink a run to seconds on a CPU: CSV logging only, tiny batches and network.
 SMALL_RUN = (

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from genie_dg.errors import UserInputError
-from genie_dg.pipeline import build, prepare_output_dir, train
+from genie_dg.pipeline import build, train
+from genie_dg.run_dir import prepare_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_config_key_typo_is_refused_with_the_key_named(make_config):
 def test_unwritable_run_directory_fails_at_start_with_the_fix(make_config, small_run, tmp_path):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the run directory should go")
-    cfg = make_config("trainer.max_steps=2", *small_run)
+    cfg = make_config("trainer.max_steps=2", "trainer.val_check_interval=2", *small_run)
     cfg.paths.output_dir = str(blocker / "run")
     with pytest.raises(UserInputError, match="cannot write the run directory.*paths.log_dir"):
         train(cfg)

@@ -1,45 +1,59 @@
-"""Build everything a run needs from the composed Hydra config, train, test and report."""
+"""A run from its composed Hydra config: claim its directory, build, train, test and report.
+
+:func:`train` reads top to bottom: the run directory decides what to do (a finished run is
+reported, a run another process trains is left to it, an interrupted one resumes:
+:mod:`genie_dg.run_dir`), then :func:`train_in` builds the data module, model, callbacks,
+loggers and trainer (:func:`build`), fits, tests the checkpoint selected by training-domain
+validation and reports it (:mod:`genie_dg.reporting`).
+"""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import pickle
-import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import wandb
+import torch
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
-from hydra.utils import get_class, instantiate, to_absolute_path
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
-from rich.table import Table
+from pytorch_optimizer.base.exception import NegativeLRError, NegativeStepError
 
 from genie_dg.data import MultiDomainDataModule
 from genie_dg.errors import UserInputError
 from genie_dg.module import DGModule
+from genie_dg.reporting import (
+    backbone_record,
+    finished_summary,
+    instantiate_logger,
+    print_summary,
+    report_to_wandb,
+    summarize,
+    wandb_logs_model,
+)
 from genie_dg.results.recorder import ResultsRecorder
 from genie_dg.results.records import RESULTS_FILE, RunIdentity
-from genie_dg.sweep import (
-    DONE_MARKER,
-    LAST_CHECKPOINT,
-    RESUME_KEY_FILE,
-    latest_run,
-    run_key,
+from genie_dg.run_dir import (
+    AtomicCheckpointIO,
+    ResumePoint,
+    RunCheckpointState,
+    check_start_checkpoint,
+    config_difference,
+    is_done,
+    keyed_config,
+    mark_done,
+    prepare_output_dir,
+    refuse_other_config,
+    resume_point,
     run_lock,
-    sample_hparams,
-    searched_hparams,
-    sweep_group,
+    write_atomically,
 )
+from genie_dg.sweep import sample_hparams, searched_hparams
 
 log = logging.getLogger(__name__)
 # Lightning's DDP strategies and their variants that look for parameters a step left unused.
@@ -48,8 +62,97 @@ FINDS_UNUSED_PARAMETERS = {
 }
 
 
+def train(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train, select the checkpoint by training-domain validation, test it, report and save.
+
+    A run directory that holds another configuration's run is refused; one that holds the
+    :data:`~genie_dg.run_dir.DONE_MARKER` is not run again (its summary is returned); one that
+    holds a checkpoint but no marker resumes from it (:func:`~genie_dg.run_dir.resume_point`);
+    one that another process is training (:func:`~genie_dg.run_dir.run_lock`) is left to it
+    (None). Searched hyper-parameters are first replaced by their draws for ``hparams_seed``.
+    """
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    prepare_output_dir(output_dir)
+    refuse_other_config(output_dir, cfg)
+    if is_done(output_dir):
+        return finished_summary(output_dir)
+    with ExitStack() as locks:
+        holder = locks.enter_context(run_lock(output_dir))
+        if holder is None:
+            start = resume_point(cfg, output_dir)
+            if start.output_dir != output_dir:
+                output_dir = start.output_dir
+                holder = locks.enter_context(run_lock(output_dir))
+        if holder is not None:
+            log.warning("%s is being trained by another process (pid %s): leaving it to that one", output_dir, holder)
+            return None
+        # Checked again under the lock: another process may have finished it since the first look.
+        if is_done(output_dir):
+            return finished_summary(output_dir)
+        return train_in(cfg, start)
+
+
+def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
+    """Train the run ``start`` names in its directory, from its checkpoint if it has one."""
+    output_dir = start.output_dir
+    sample_hparams(cfg)
+    weights_only = bool(cfg.get("ckpt_weights_only", False))
+    start_checkpoint = check_start_checkpoint(Path(start.ckpt_path), cfg, weights_only) if start.start_file else None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    write_atomically(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(resolved))
+    datamodule, model, trainer = build(cfg)
+    ckpt_path = start.ckpt_path
+    if start_checkpoint is not None and weights_only:
+        load_weights(model, start_checkpoint, ckpt_path, cfg)
+        ckpt_path = None
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+    try:
+        # weights_only: loading a checkpoint must never run code pickled into it.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+        summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                report_to_wandb(logger, summary, wants_model=wandb_logs_model(cfg))
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()
+    mark_done(output_dir, summary)
+    print_summary(summary)
+    return summary
+
+
+def load_weights(model: DGModule, checkpoint: dict[str, Any], path: str, cfg: DictConfig) -> None:
+    """Start ``model`` from a checkpoint's weights only (``+ckpt_weights_only=true``): its
+    optimizer state, step and callbacks' state are left behind."""
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        saved = checkpoint.get("genie_dg_config")
+        difference = config_difference(saved, keyed_config(cfg), "in the checkpoint") if saved else None
+        reason = difference or str(err).splitlines()[0]
+        raise UserInputError(
+            f"ckpt_path={path}: its weights do not fit this model ({reason}); start from a "
+            "checkpoint of the same backbone, algorithm and dataset"
+        ) from None
+    log.info("ckpt_weights_only: starting from the weights of %s (step %s)", path, checkpoint.get("global_step"))
+
+
+# numpy's seeds, which Lightning's seed_everything passes on: [0, 2**32).
+SEED_RANGE = (0, 2**32 - 1)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible settings before any data is loaded or model built."""
+    for key in ("trial_seed", "seed", "hparams_seed"):
+        value = cfg.get(key)
+        if key in cfg and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SEED_RANGE[1]):
+            raise UserInputError(f"{key}={value!r}: a seed is a whole number from 0 to {SEED_RANGE[1]}, e.g. {key}=0")
     steps = cfg.trainer.get("max_steps", -1)
     if steps is None or steps < 1:
         raise UserInputError(f"trainer.max_steps={steps}: training is step-based, set it to 1 or more")
@@ -86,6 +189,21 @@ def instantiate_or_explain(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def checked_optimizer(node: DictConfig) -> Any:
+    """The optimizer factory of ``node``, tried once on a stand-in parameter: a value its
+    constructor rejects (``optimizer.lr=-1``) is one ``error:`` line now, not a traceback from
+    inside the fit."""
+    factory = instantiate_or_explain(node)
+    try:
+        factory([torch.nn.Parameter(torch.zeros(2, 2))])
+    except UserInputError:
+        raise
+    except (ValueError, TypeError, NegativeLRError, NegativeStepError) as err:
+        name = str(node.get("_target_", "optimizer")).rsplit(".", 1)[-1]
+        raise UserInputError(f"optimizer {name} refuses its arguments ({err}); fix the optimizer.<name> override") from None
+    return factory
+
+
 def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     """Instantiate the data module, the LightningModule and the Trainer of a run."""
     check_config(cfg)
@@ -97,7 +215,7 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     model = DGModule(
         featurizer=featurizer,
         algorithm=instantiate_or_explain(cfg.algorithm),
-        optimizer=instantiate_or_explain(cfg.optimizer),
+        optimizer=checked_optimizer(cfg.optimizer),
         num_classes=data.num_classes,
         train_domains=[data.domain_names[d] for d in datamodule.train_domains],
         eval_domains=[s.name for s in datamodule.eval_sets],
@@ -109,7 +227,12 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     identity = run_identity(cfg, datamodule, model)
     callbacks = [instantiate_or_explain(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ResultsRecorder(Path(cfg.paths.output_dir) / RESULTS_FILE, identity, datamodule.eval_sets))
-    loggers = [instantiate_logger(c, identity) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks.append(RunCheckpointState(keyed_config(cfg)))
+    loggers = [
+        instantiate_logger(c, identity, Path(cfg.paths.output_dir))
+        for c in (cfg.get("logger") or {}).values()
+        if c is not None
+    ]
     strategy = cfg.trainer.get("strategy")
     overrides = {}
     if model.algorithm.leaves_parameters_unused and strategy in FINDS_UNUSED_PARAMETERS:
@@ -120,7 +243,10 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
             overrides["strategy"],
             strategy,
         )
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    # Every checkpoint (Lightning's, the SIGTERM one) is written whole or not at all.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **overrides
+    )
     return datamodule, model, trainer
 
 
@@ -139,279 +265,6 @@ def run_identity(cfg: DictConfig, datamodule: MultiDomainDataModule, model: DGMo
         hparams_seed=int(cfg.get("hparams_seed", 0)),
         seed=int(cfg.seed),
         hparams=searched_hparams(cfg),
+        backbone=backbone_record(model),
     )
 
-
-def instantiate_logger(node: DictConfig, identity: RunIdentity) -> Any:
-    """A logger from its config. A W&B run without a configured name or group is named after the
-    run and grouped by its sweep, and logs no checkpoint itself: :func:`train` logs the selected
-    one when the config asks for ``log_model``."""
-    if not issubclass(get_class(node._target_), WandbLogger):
-        return instantiate(node)
-    return instantiate(
-        node, name=node.get("name") or identity.name, group=node.get("group") or sweep_group(), log_model=False
-    )
-
-
-def train(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train, select the checkpoint by training-domain validation, test it, report and save.
-
-    A run directory that holds the :data:`~genie_dg.sweep.DONE_MARKER` is not run again (its
-    summary is returned); one that holds a last checkpoint but no marker resumes from it; one
-    that another process is training (:func:`~genie_dg.sweep.run_lock`) is left to it (None).
-    Searched hyper-parameters are first replaced by their draws for ``hparams_seed``.
-    """
-    output_dir = Path(cfg.paths.output_dir)
-    if (output_dir / DONE_MARKER).is_file():
-        return finished_summary(output_dir)
-    prepare_output_dir(output_dir)
-    with ExitStack() as locks:
-        holder = locks.enter_context(run_lock(output_dir))
-        if holder is None:
-            resumed_dir, ckpt_path = resume_point(cfg, output_dir)
-            if resumed_dir != output_dir:
-                output_dir = resumed_dir
-                holder = locks.enter_context(run_lock(output_dir))
-        if holder is not None:
-            log.warning("%s is being trained by another process (pid %s): leaving it to that one", output_dir, holder)
-            return None
-        # Checked again under the lock: another process may have finished it since the first look.
-        if (output_dir / DONE_MARKER).is_file():
-            return finished_summary(output_dir)
-        return _train_in(cfg, output_dir, ckpt_path)
-
-
-def _train_in(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
-    sample_hparams(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-    datamodule, model, trainer = build(cfg)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(resolved)
-    try:
-        # weights_only: loading a checkpoint must never run code pickled into it.
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UserInputError(
-                f"ckpt_path={ckpt_path} holds pickled objects beyond tensors and plain containers and is "
-                "refused as unsafe; pass a checkpoint written by genie-dg"
-            ) from err
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
-        tested = trainer.test(
-            model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True
-        )
-        summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                report_to_wandb(logger, summary, wants_model=_wandb_logs_model(cfg))
-    finally:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / DONE_MARKER).touch()
-    print_summary(summary)
-    return summary
-
-
-def finished_summary(output_dir: Path) -> dict[str, Any]:
-    """The saved summary of the finished run in ``output_dir``, printed as at its end."""
-    log.info("%s finished before: skipping it", output_dir)
-    summary = json.loads((output_dir / "summary.json").read_text())
-    print_summary(summary)
-    return summary
-
-
-def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[Path, str | None]:
-    """The run directory to train in and the checkpoint to resume from.
-
-    - this directory's own ``last.ckpt`` if an earlier start left one, whatever ``ckpt_path``
-      says (a job requeued after starting from a file continues, not starts over).
-    - ``ckpt_path=last``: that, or else the newest run of the same config (same
-      :func:`~genie_dg.sweep.run_key`) among this directory's siblings, e.g. an earlier
-      ``python train.py ...`` that Hydra gave another time-stamped directory. Training then
-      continues in that directory (``paths.output_dir`` is pointed there), so its records and
-      checkpoints stay in one place; this directory keeps Hydra's files and a ``continued_in``
-      note. If that run finished, :func:`train` reports it and trains nothing. With no such run
-      it starts from scratch.
-    - any other value: that checkpoint file (relative to where the command was started), which
-      must exist, when the directory has no ``last.ckpt`` yet.
-    """
-    key = run_key(cfg)
-    (output_dir / RESUME_KEY_FILE).write_text(key)
-    ckpt_path = cfg.get("ckpt_path")
-    own = output_dir / LAST_CHECKPOINT
-    explicit = None if ckpt_path in (None, "last") else Path(to_absolute_path(str(ckpt_path)))
-    if explicit is not None and not explicit.is_file():
-        raise UserInputError(
-            f"ckpt_path={ckpt_path} is not a file; pass a checkpoint (e.g. <run dir>/{LAST_CHECKPOINT}) "
-            "or ckpt_path=last to continue the newest run of this config"
-        )
-    if own.is_file():
-        # Also over an explicit ckpt_path: a requeued job has moved past the file it started from.
-        log.info("resuming the unfinished run from %s", own)
-        return output_dir, str(own)
-    if explicit is not None:
-        return output_dir, str(explicit)
-    if ckpt_path is None:
-        return output_dir, None
-    earlier = latest_run(output_dir.parent, key, exclude=output_dir)
-    if earlier is None:
-        log.warning("ckpt_path=last: no earlier run of this config under %s; starting from scratch", output_dir.parent)
-        return output_dir, None
-    prepare_output_dir(earlier)
-    if not (earlier / DONE_MARKER).is_file():
-        log.info("ckpt_path=last: continuing the unfinished run in %s", earlier)
-        (output_dir / "continued_in").write_text(f"{earlier}\n")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(earlier)
-    return earlier, str(earlier / LAST_CHECKPOINT)
-
-
-class WritableOutputCheck(Callback):
-    """Hydra callback: prove ``hydra.run.dir`` (or ``hydra.sweep.dir``) writable before Hydra
-    creates it, so an unwritable place ends in one ``error:`` line (exit status 2), not in a
-    traceback from inside Hydra."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
-
-    @staticmethod
-    def _check(directory: str, key: str) -> None:
-        try:
-            prepare_output_dir(Path(directory))
-        except UserInputError as err:
-            print(f"error: {err} ({key})", file=sys.stderr)
-            raise SystemExit(2) from None
-
-
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create the run directory and prove it writable before any work, so an unwritable path
-    or a full disk fails at start rather than at the first checkpoint."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # A unique name: sweeps started side by side share hydra.sweep.dir.
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_probe") as probe:
-            probe.write(b"0" * 4096)
-            probe.flush()
-    except OSError as err:
-        raise UserInputError(
-            f"cannot write the run directory {output_dir} ({err.strerror or err}); free disk space "
-            "or point paths.log_dir (or hydra.run.dir) at a writable place"
-        ) from err
-
-
-def _wandb_logs_model(cfg: DictConfig) -> bool:
-    loggers = (cfg.get("logger") or {}).values()
-    return any(
-        c is not None and issubclass(get_class(c._target_), WandbLogger) and c.get("log_model") for c in loggers
-    )
-
-
-def report_to_wandb(logger: WandbLogger, summary: dict[str, Any], wants_model: bool) -> None:
-    """The run's summary accuracies and, if ``wants_model``, its selected checkpoint as an artifact."""
-    run = logger.experiment
-    run.summary.update({"source_acc": summary["source_acc"], "target_acc": summary["target_acc"]})
-    checkpoint = summary["files"].get("checkpoint")
-    if wants_model and checkpoint:
-        artifact = wandb.Artifact(
-            f"model-{run.id}",
-            type="model",
-            metadata={
-                "selection": "training-domain validation",
-                "source_acc": summary["source_acc"],
-                "target_acc": summary["target_acc"],
-            },
-        )
-        # The checkpoint is final: referencing it spares a copy into W&B's staging area.
-        artifact.add_file(checkpoint, name=Path(checkpoint).name, policy="immutable")
-        run.log_artifact(artifact, aliases=["selected"])
-
-
-def summarize(
-    cfg: DictConfig,
-    datamodule: MultiDomainDataModule,
-    metrics: dict[str, float],
-    checkpoint: str,
-    output_dir: Path,
-    trainer: L.Trainer,
-) -> dict[str, Any]:
-    domains = [
-        {
-            "domain": s.name,
-            "role": "target_validation" if s.is_target_validation else "target" if s.is_target else "source",
-            "accuracy": metrics.get(f"test/{s.name}/acc"),
-        }
-        for s in datamodule.eval_sets
-    ]
-    files = {"run_dir": str(output_dir), "config": str(output_dir / "config_resolved.yaml")}
-    if checkpoint:
-        files["checkpoint"] = checkpoint
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger):
-            files["csv_metrics"] = str(Path(logger.log_dir) / "metrics.csv")
-        elif isinstance(logger, WandbLogger):
-            files["wandb"] = str(Path(logger.save_dir or output_dir) / "wandb")
-    return {
-        "dataset": datamodule.dataset.name,
-        "protocol": datamodule.protocol,
-        "algorithm": type(trainer.lightning_module.algorithm).__name__,
-        "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
-        "steps": trainer.global_step,
-        "seed": cfg.seed,
-        "trial_seed": cfg.get("trial_seed", cfg.seed),
-        "hparams_seed": cfg.get("hparams_seed", 0),
-        "hparams": searched_hparams(cfg),
-        "source_acc": metrics.get("test/source_acc"),
-        "target_acc": metrics.get("test/target_acc"),
-        "domains": domains,
-        "files": files,
-    }
-
-
-ROLE_LABELS = {
-    "source": "source (held-out val)",
-    "target": "target (unseen)",
-    "target_validation": "target (held-out, oracle val)",
-}
-
-
-@rank_zero_only
-def print_summary(summary: dict[str, Any]) -> None:
-    """The run's accuracy table and where its files are (relative to the working directory when
-    under it), printed once per run: by rank 0 of a DDP run."""
-    console = Console()
-    table = Table(
-        title=(
-            f"{summary['dataset']} | {summary['algorithm']} + {summary['optimizer']} | "
-            f"{summary['steps']} steps | seed {summary['seed']}"
-        )
-    )
-    table.add_column("domain")
-    table.add_column("role")
-    table.add_column("accuracy (%)", justify="right")
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.2f}"
-
-    for row in summary["domains"]:
-        role = ROLE_LABELS[row["role"]]
-        table.add_row(row["domain"], role, pct(row["accuracy"]))
-    table.add_section()
-    table.add_row("mean", "source (held-out val)", pct(summary["source_acc"]))
-    table.add_row("mean", "target (unseen)", pct(summary["target_acc"]))
-    console.print(table)
-    for name, path in summary["files"].items():
-        console.print(f"{name:>12}: {_shown_path(path)}", highlight=False, soft_wrap=True)
-
-
-def _shown_path(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path

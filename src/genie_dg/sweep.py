@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from genie_dg.errors import UserInputError
-
-log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "log10_uniform", "pow2_uniform", "choice")
 

@@ -228,6 +228,18 @@ def test_a_malicious_archive_is_refused_and_nothing_lands_outside_the_data_dir(t
     assert outside == {mirror, mirror / "PACS.zip"}
 
 
+def test_a_refused_archive_is_deleted_so_another_mirror_is_used_next_time(tmp_path, capsys):
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    _zip(bad / "PACS.zip", {"kfold/photo/dog/0.png": b"x", "../escaped.txt": b"pwned"})
+    _pacs_zip(good / "PACS.zip")
+    data_dir = tmp_path / "data"
+    assert main(["download", "pacs", "--data-dir", str(data_dir), "--mirror", str(bad)]) == 2
+    assert "deleted PACS.zip so that the next attempt downloads anew" in capsys.readouterr().err
+    assert not (data_dir / ".downloads" / "PACS.zip").exists()
+    assert main(["download", "pacs", "--data-dir", str(data_dir), "--mirror", str(good)]) == 0
+    assert len(list((data_dir / "PACS").rglob("*.png"))) == 16
+
+
 def test_safe_extract_refuses_a_member_before_writing_any_of_a_zip(tmp_path):
     archive = _zip(tmp_path / "a.zip", {"ok.txt": b"fine", "../bad.txt": b"x"})
     target = tmp_path / "out"

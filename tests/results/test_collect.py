@@ -109,6 +109,26 @@ def test_a_resumed_runs_repeated_step_counts_once(tmp_path):
     assert "| GENIE | ERM | 90.0 ± 0.0 | X | X | X |" in collect(root, "markdown", ["iid"])
 
 
+def test_bad_lines_are_skipped_named_by_file_and_line_and_counted(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(GOLDEN, sweep)
+    first, second = sorted(sweep.rglob(RESULTS_FILE))[:2]
+    first_lines = first.read_text().splitlines(keepends=True)
+    # A line cut short by a kill at the end of one run, a record without its step inside another.
+    first.write_text("".join(first_lines) + first_lines[-1][:40])
+    record = json.loads(second.read_text().splitlines()[0])
+    del record["step"]
+    second.write_text(json.dumps(record) + "\n" + second.read_text())
+
+    assert main(["collect", str(sweep)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {first}:{len(first_lines) + 1}: not JSON" in captured.err
+    assert f"skipped {second}:1: not a record (no 'step')" in captured.err
+    assert captured.out.splitlines()[0].endswith("(skipped lines that are not records: 2)")
+    golden = GOLDEN_TABLES.read_text()
+    assert captured.out.split("\n", 1)[1] == golden.split("\n", 1)[1], "the good records make the same tables"
+
+
 def test_golden_sweep_tables_are_unchanged():
     """tests/data/golden_sweep holds real tiny runs (tests/data/make_golden_sweep.sh)."""
     assert collect(GOLDEN) == GOLDEN_TABLES.read_text()
@@ -170,11 +190,10 @@ def test_collect_finds_runs_at_any_depth(tmp_path):
 
 
 def test_the_readme_study_tables_are_what_the_committed_records_give():
-    """results/offline_study holds the records of the README's offline study (216 runs): every
-    table row the README shows comes out of `genie-dg collect` on them."""
+    """results/offline_study holds the records of the offline study (216 runs) beside its README:
+    every table row that README shows comes out of `genie-dg collect` on them."""
     root = Path(__file__).resolve().parents[2]
-    readme = (root / "README.md").read_text()
-    study = readme.split("### The offline study")[1].split("\n## ")[0]
+    study = (root / "results" / "offline_study" / "README.md").read_text()
     shown = [line for line in study.splitlines() if line.startswith("| ") and "±" in line]
     assert len(shown) == 8 * 4, "RotatedMNIST, ColoredMNIST, averages, oracle averages: 8 rows each"
     runs = list((root / "results" / "offline_study").glob(f"*/{RESULTS_FILE}"))

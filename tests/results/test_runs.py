@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from lightning.pytorch.loggers import WandbLogger
 from wandb_file import read_records
 
-from genie_dg import pipeline
+from genie_dg import pipeline, reporting
 from genie_dg.pipeline import build, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,24 +77,26 @@ def test_a_finished_run_is_skipped_and_an_unfinished_one_resumes_from_its_last_c
         patch.setattr(pipeline, "build", no_training)
         assert train(make_config(*small_run, "trainer.max_steps=2", "trainer.val_check_interval=2")) == first
 
-    # Interrupted after step 2, with a record written past the checkpoint: resume, drop that record.
+    # A 4-step run interrupted after step 2 (the 2-step run's checkpoint and records, copied), with
+    # a record written past the checkpoint and a last line cut short by the kill: resume, drop both.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
     step_two = (run / "results.jsonl").read_text()
-    (run / "done").unlink()
-    stale = json.loads(step_two) | {"step": 3}
-    (run / "results.jsonl").write_text(step_two + json.dumps(stale) + "\n")
-    with caplog.at_level(logging.INFO, logger="genie_dg.pipeline"):
-        summary = train(make_config(*small_run, *TINY))
-    assert (
-        "resuming the unfinished run from" in caplog.text
-        and str(run / "checkpoints" / "last.ckpt") in caplog.text
-    )
+    stale = json.dumps(json.loads(step_two) | {"step": 3})
+    (resumed / "results.jsonl").write_text(step_two + stale + "\n" + stale[: len(stale) // 2])
+    cfg = make_config(*small_run, *TINY)
+    cfg.paths.output_dir = str(resumed)
+    with caplog.at_level(logging.INFO, logger="genie_dg"):
+        summary = train(cfg)
+    assert f"resuming the unfinished run from {resumed / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert summary["steps"] == 4
-    assert [r["step"] for r in _records(run)] == [2, 4]
-    assert (run / "results.jsonl").read_text().startswith(step_two)
+    assert [r["step"] for r in _records(resumed)] == [2, 4]
+    assert (resumed / "results.jsonl").read_text().startswith(step_two)
 
 
 def test_wandb_run_is_named_after_the_run_and_grouped_by_sweep(small_run, make_config, monkeypatch):
-    monkeypatch.setattr(pipeline, "sweep_group", lambda: "my_sweep")
+    monkeypatch.setattr(reporting, "sweep_group", lambda: "my_sweep")
     cfg = make_config(
         *[o for o in small_run if o != "logger=csv"],
         "logger=wandb",
@@ -170,7 +173,7 @@ def _hold_run_lock(run: Path) -> subprocess.Popen:
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from genie_dg.sweep import run_lock\n"
+            "import sys, time; from pathlib import Path; from genie_dg.run_dir import run_lock\n"
             "with run_lock(Path(sys.argv[1])) as holder:\n"
             "    assert holder is None\n"
             "    print('held', flush=True)\n"
@@ -192,7 +195,7 @@ def test_a_run_another_process_is_training_is_left_to_it_and_runs_once_that_proc
     run.mkdir()
     holder = _hold_run_lock(run)
     try:
-        with caplog.at_level(logging.WARNING, logger="genie_dg.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="genie_dg"):
             assert train(cfg) is None
         assert f"{run} is being trained by another process (pid {holder.pid})" in caplog.text
         assert not (run / "checkpoints").exists() and not (run / "results.jsonl").exists()
@@ -208,7 +211,7 @@ def test_a_run_another_process_is_training_is_left_to_it_and_runs_once_that_proc
 def test_a_run_that_finished_while_waiting_for_its_lock_is_not_trained_again(
     small_run, make_config, tmp_path, monkeypatch
 ):
-    from genie_dg.sweep import run_lock
+    from genie_dg.run_dir import run_lock
 
     cfg = make_config(*small_run, *TINY)
     run = tmp_path / "run"
@@ -231,7 +234,7 @@ def test_a_run_that_finished_while_waiting_for_its_lock_is_not_trained_again(
 
 
 def test_only_the_first_process_of_a_launch_locks_its_run(tmp_path, monkeypatch):
-    from genie_dg.sweep import run_lock
+    from genie_dg.run_dir import run_lock
 
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -262,12 +265,12 @@ def test_a_filesystem_that_cannot_lock_trains_without_the_lock(tmp_path, monkeyp
     import errno
     import fcntl
 
-    from genie_dg.sweep import run_lock
+    from genie_dg.run_dir import run_lock
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with caplog.at_level(logging.WARNING, logger="genie_dg.sweep"), run_lock(tmp_path) as holder:
+    with caplog.at_level(logging.WARNING, logger="genie_dg.run_dir"), run_lock(tmp_path) as holder:
         assert holder is None
     assert f"cannot lock {tmp_path} (No locks available): training without the lock" in caplog.text

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from genie_dg.errors import UserInputError
-from genie_dg.sweep import draw, optuna_space, run_key, sample_hparams, seed_hash
+from genie_dg.run_dir import run_key
+from genie_dg.sweep import draw, optuna_space, sample_hparams, seed_hash
 
 
 def test_hparams_seed_zero_keeps_the_defaults(make_config):

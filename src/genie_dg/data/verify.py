@@ -17,6 +17,7 @@ from rich.table import Table
 from genie_dg.data.download import default_data_dir
 from genie_dg.data.image_folder import ImageTree, expected_total, find_unreadable, scan_image_tree
 from genie_dg.errors import UserInputError
+from genie_dg.resolvers import register_resolvers
 
 
 def config_dir_for(source_file: Path) -> Path:
@@ -61,6 +62,7 @@ def image_dataset_config(name: str, data_dir: Path, config_dir: Path = CONFIG_DI
             f"dataset '{name}' is built by {targets[name]}, not read from image folders: there are no "
             f"files to verify; verify-data checks {', '.join(choices)}"
         )
+    register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"dataset={name}"])
     with open_dict(cfg):

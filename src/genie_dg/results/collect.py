@@ -17,13 +17,14 @@ import argparse
 import csv
 import io
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, pstdev
 
 from genie_dg.errors import UserInputError
-from genie_dg.results.records import Record, load_records
+from genie_dg.results.records import BadLine, Record, load_records
 from genie_dg.results.selection import SELECTION_METHODS, Choice, GroupKey, SelectionMethod, group_records
 
 FORMATS = ("markdown", "latex", "csv")
@@ -131,8 +132,14 @@ def build_tables(records: Sequence[Record], method: type[SelectionMethod]) -> li
     return tables
 
 
-def _markdown(tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int) -> str:
-    out = [f"Total records: {n_records}"]
+def _totals(n_records: int, n_skipped: int) -> str:
+    return f"Total records: {n_records}" + (f" (skipped lines that are not records: {n_skipped})" if n_skipped else "")
+
+
+def _markdown(
+    tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int, n_skipped: int = 0
+) -> str:
+    out = [_totals(n_records, n_skipped)]
     for method in methods:
         out += ["", f"## Model selection: {method.name}"]
         for table in (t for t in tables if t.method is method):
@@ -149,13 +156,15 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def _latex(tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int) -> str:
+def _latex(
+    tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int, n_skipped: int = 0
+) -> str:
     out = [
         "\\documentclass{article}",
         "\\usepackage{booktabs}",
         "\\usepackage{adjustbox}",
         "\\begin{document}",
-        f"% Total records: {n_records}",
+        f"% {_totals(n_records, n_skipped)}",
     ]
     for method in methods:
         out += ["", f"\\subsection{{Model selection: {_latex_escape(method.name)}}}"]
@@ -179,8 +188,11 @@ def _latex(tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_
     return "\n".join(out) + "\n"
 
 
-def _csv(tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int) -> str:
-    """One row per cell (tidy), numbers in percent; a missing cell has empty numbers."""
+def _csv(
+    tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int, n_skipped: int = 0
+) -> str:
+    """One row per cell (tidy), numbers in percent; a missing cell has empty numbers (the
+    counts of records and skipped lines go to stderr only, keeping the table tidy)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["selection", "table", "optimizer", "algorithm", "column", "mean", "stderr", "trials"])
@@ -204,15 +216,21 @@ RENDERERS = {"markdown": _markdown, "latex": _latex, "csv": _csv}
 
 
 def collect(root: Path, fmt: str = "markdown", selections: Sequence[str] = tuple(SELECTION_METHODS)) -> str:
-    """The result tables of every run under ``root``, rendered as ``fmt``."""
-    records = load_records(root)
+    """The result tables of every run under ``root``, rendered as ``fmt``. A line of a
+    ``results.jsonl`` that is not a record is skipped: named on stderr, counted in the output."""
+    bad_lines: list[BadLine] = []
+    records = load_records(root, bad_lines)
+    for bad in bad_lines:
+        print(f"warning: skipped {bad}", file=sys.stderr)
+    if bad_lines:
+        print(f"warning: skipped {len(bad_lines)} line(s) that are not records", file=sys.stderr)
     if not records:
         raise UserInputError(
             f"no results.jsonl under {root}: point genie-dg collect at a run or sweep directory"
         )
     methods = [SELECTION_METHODS[key] for key in selections]
     tables = [table for method in methods for table in build_tables(records, method)]
-    return RENDERERS[fmt](tables, methods, len(records))
+    return RENDERERS[fmt](tables, methods, len(records), len(bad_lines))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

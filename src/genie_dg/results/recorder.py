@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from genie_dg.data import EvalSet
 from genie_dg.results.records import RunIdentity, read_run, record_line
+from genie_dg.run_dir import write_atomically
 
 
 class ResultsRecorder(Callback):
@@ -23,10 +25,11 @@ class ResultsRecorder(Callback):
         self.eval_sets = list(eval_sets)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run resumed from a checkpoint validates again the steps after it: drop their records.
+        # A run resumed from a checkpoint validates again the steps after it: drop their records,
+        # and a last line a kill cut short. Rewritten whole or not at all.
         if trainer.is_global_zero and self.path.exists():
             kept = [r for r in read_run(self.path, "") if r.step <= trainer.global_step]
-            self.path.write_text("".join(record_line(self.identity, r.step, r.accuracy) + "\n" for r in kept))
+            write_atomically(self.path, "".join(record_line(self.identity, r.step, r.accuracy) + "\n" for r in kept))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -35,6 +38,9 @@ class ResultsRecorder(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             file.write(record_line(self.identity, trainer.global_step, accuracy) + "\n")
+            # On disk before the checkpoint of this validation is written.
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def split_accuracies(

@@ -20,7 +20,7 @@ writes the format, so ``genie-dg collect`` starts without importing Lightning.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class RunIdentity:
     hparams_seed: int
     seed: int
     hparams: dict[str, Any] = field(default_factory=dict)
+    # The network the run fine-tuned: {"weights": WeightsRecord.as_dict() (source, timm model and
+    # tag, file path and sha256), "freeze_bn": bool}. Records from before it was kept have {}.
+    backbone: dict[str, Any] = field(default_factory=dict)
 
     @property
     def held_out(self) -> str:
@@ -80,7 +83,9 @@ class Record:
 
     @classmethod
     def from_json(cls, line: dict[str, Any], run_dir: str) -> Record:
-        identity = {name: line[name] for name in RunIdentity.__dataclass_fields__}
+        fields = RunIdentity.__dataclass_fields__
+        # A field with a default may be missing from records written before it existed.
+        identity = {name: line[name] for name, spec in fields.items() if name in line or spec.default_factory is MISSING}
         for name in ("domains", "train_domains", "test_domains"):
             identity[name] = tuple(identity[name])
         return cls(RunIdentity(**identity), int(line["step"]), line["accuracy"], run_dir)
@@ -91,19 +96,46 @@ def record_line(identity: RunIdentity, step: int, accuracy: dict[str, dict[str, 
     return json.dumps({"step": step, **asdict(identity), "accuracy": accuracy}, sort_keys=False)
 
 
-def read_run(path: Path, run_dir: str) -> list[Record]:
-    """The records of one ``results.jsonl``, one per step (the last written wins), by step."""
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a ``results.jsonl`` that is not a record (cut short by a crash, edited...)."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def read_run(path: Path, run_dir: str, bad_lines: list[BadLine] | None = None) -> list[Record]:
+    """The records of one ``results.jsonl``, one per step (the last written wins), by step.
+
+    A line that is not a record (a last line a kill cut short...) is skipped and, when
+    ``bad_lines`` is given, appended to it."""
     by_step: dict[int, Record] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             record = Record.from_json(json.loads(line), run_dir)
-            by_step[record.step] = record
+        except json.JSONDecodeError as err:
+            if bad_lines is not None:
+                bad_lines.append(BadLine(path, number, f"not JSON ({err.msg} at column {err.colno})"))
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if bad_lines is not None:
+                what = f"no {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+                bad_lines.append(BadLine(path, number, f"not a record ({what})"))
+            continue
+        by_step[record.step] = record
     return [by_step[step] for step in sorted(by_step)]
 
 
-def load_records(root: Path) -> list[Record]:
-    """Every record of every run under ``root`` (any depth), in run-directory and step order."""
+def load_records(root: Path, bad_lines: list[BadLine] | None = None) -> list[Record]:
+    """Every record of every run under ``root`` (any depth), in run-directory and step order;
+    lines that are not records are skipped (and listed in ``bad_lines``)."""
     records: list[Record] = []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
-        records.extend(read_run(path, str(path.parent.relative_to(root))))
+        records.extend(read_run(path, str(path.parent.relative_to(root)), bad_lines))
     return records

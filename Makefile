@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test lint benchmark docker clean
+.PHONY: install train test lint docs benchmark docker clean
 
 install: $(INSTALLED)
 
@@ -27,6 +27,10 @@ test: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/hadolint Dockerfile Dockerfile.cuda
+
+# The documentation site (mkdocs.yml, docs/) into build/site/; strict: a broken link or anchor fails.
+docs: $(INSTALLED)
+	$(VENV)/bin/mkdocs build --strict
 
 # Needs a Docker engine and downloads gigabytes; the tests check the Dockerfiles without one.
 docker:

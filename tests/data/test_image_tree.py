@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from trees import image_bytes, write_image
+from trees import image_bytes, write_image, write_tree
 
 from genie_dg.data import DomainSubset, domain_image_folder
 from genie_dg.data.image_folder import CorruptImageError
@@ -114,6 +115,55 @@ def test_a_truncated_image_raises_an_error_naming_the_file_when_read(make_tree):
         data.domains[0][1]
     with pytest.raises(CorruptImageError, match="00001.png"):
         list(DataLoader(DomainSubset(data.domains[0], [0, 1], 0, data.eval_transform), batch_size=2))
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_is_one_error_line(make_tree):
+    root = make_tree({"photo": {"dog": 2}})
+    bad = root / "photo" / "dog" / "00001.png"
+    _truncate(bad)
+    data = domain_image_folder(root, "toy", image_size=8, augment=False)
+    loader = DataLoader(DomainSubset(data.domains[0], [0, 1], 0, data.eval_transform), batch_size=2, num_workers=1)
+    with pytest.raises(CorruptImageError) as raised:
+        list(loader)
+    assert str(raised.value).startswith(f"{bad}: cannot decode this image")
+    assert "\n" not in str(raised.value), "the worker's traceback is not part of the message"
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target, target_is_directory=target.is_dir())
+    return path
+
+
+def test_a_link_back_up_the_tree_is_not_followed_and_the_scan_says_so(make_tree, caplog):
+    root = make_tree({"art": {"dog": 6, "horse": 3}, "photo": {"dog": 2, "horse": 2}})
+    # Loops: a class folder linking back to its domain, another to the dataset root.
+    _link(root / "art" / "dog" / "loop", root / "art")
+    _link(root / "art" / "horse" / "again", root)
+    with caplog.at_level(logging.WARNING, logger=WARNING_LOGGER):
+        data = domain_image_folder(root, "toy", augment=False)
+    assert [len(d) for d in data.domains] == [9, 4], "each image once, under its own label"
+    assert _labels(data, "art") == [0] * 6 + [1] * 3
+    (warning,) = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert "did not follow 2 symbolic link(s)" in warning
+    assert "art/dog/loop -> art (a folder read where it is)" in warning
+    assert "art/horse/again -> . (a folder read where it is)" in warning
+
+
+def test_links_out_of_the_dataset_root_are_skipped_and_named(make_tree, tmp_path, caplog):
+    root = make_tree({"art": {"dog": 2}, "photo": {"dog": 2}})
+    outside = write_tree(tmp_path / "elsewhere", {"cartoon": {"dog": 5, "cat": 4}})
+    _link(root / "cartoon", outside / "cartoon")  # a whole domain
+    _link(root / "art" / "cat", outside / "cartoon" / "cat")  # a class folder
+    _link(root / "photo" / "dog" / "extra.png", outside / "cartoon" / "dog" / "00000.png")  # a file
+    _link(root / "photo" / "dog" / "inside.png", root / "art" / "dog" / "00000.png")  # a file inside: read
+    with caplog.at_level(logging.WARNING, logger=WARNING_LOGGER):
+        data = domain_image_folder(root, "toy", augment=False)
+    assert data.domain_names == ["art", "photo"] and data.classes == ["dog"]
+    assert [len(d) for d in data.domains] == [2, 3]
+    (warning,) = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    for skipped in ("cartoon", "art/cat", "photo/dog/extra.png"):
+        assert f"{skipped} -> {outside.resolve()}" in warning and "(outside the dataset root)" in warning
+    assert "did not follow 3 symbolic link(s)" in warning
 
 
 def test_skip_corrupt_leaves_unreadable_images_out_and_logs_how_many(make_tree, caplog):

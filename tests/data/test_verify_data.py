@@ -53,6 +53,18 @@ def test_check_images_finds_an_unreadable_image(full_pacs, capsys):
     assert "decoded 9991 images: 1 unreadable" in out
 
 
+def test_a_link_looping_back_to_its_domain_is_not_counted_and_is_named(tmp_path, capsys, caplog):
+    root = write_tree(tmp_path / "mine", {"day": {"cat": 2, "dog": 1}, "night": {"dog": 3}})
+    (root / "day" / "cat" / "loop").symlink_to(root / "day", target_is_directory=True)
+    (root / "night" / "cat").symlink_to(tmp_path, target_is_directory=True)
+    assert main(["verify-data", "image_folder", "--root", str(root)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "total │ 3 │ 3" in out, "each image counted once, under its own class"
+    assert "did not follow 2 symbolic link(s)" in caplog.text
+    assert "day/cat/loop -> day (a folder read where it is)" in caplog.text
+    assert f"night/cat -> {tmp_path.resolve()} (outside the dataset root)" in caplog.text
+
+
 def test_a_user_tree_is_counted_without_expectations(tmp_path, capsys):
     root = write_tree(tmp_path / "mine", {"day": {"cat": 2, "dog": 1}, "night": {"dog": 3}})
     assert main(["verify-data", "image_folder", "--root", str(root)]) == 0

@@ -29,6 +29,15 @@ LISTED_IN_WARNING = 20
 class CorruptImageError(UserInputError):
     """An image file that PIL cannot decode (corrupt, truncated, or not an image at all)."""
 
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's
+        # whole traceback text (torch's ExceptionWrapper): keep the original one-line message,
+        # the traceback's last line.
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
+        super().__init__(message)
+
+
 
 def read_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully as an RGB image; a file that does not decode raises naming it."""
@@ -70,13 +79,25 @@ class ImageTree:
     classes: list[str]
     files: dict[str, dict[str, list[Path]]]
     ignored: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)
 
     def count(self, domain: str, cls: str | None = None) -> int:
         per_class = self.files[domain]
         return len(per_class.get(cls, [])) if cls is not None else sum(map(len, per_class.values()))
 
     def warn_ignored(self, name: str) -> None:
-        """One warning that lists what the scan left out, so a stray file is never silent."""
+        """One warning that lists what the scan left out, so a stray file is never silent (and
+        one for the symbolic links it did not follow)."""
+        if self.skipped_links:
+            more = len(self.skipped_links) - LISTED_IN_WARNING
+            log.warning(
+                "%s: did not follow %d symbolic link(s) in %s: %s%s",
+                name,
+                len(self.skipped_links),
+                self.root,
+                "; ".join(self.skipped_links[:LISTED_IN_WARNING]),
+                f"; and {more} more" if more > 0 else "",
+            )
         if not self.ignored:
             return
         shown = ", ".join(self.ignored[:LISTED_IN_WARNING])
@@ -95,20 +116,71 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _class_images(class_dir: Path, root: Path, ignored: list[str]) -> list[Path]:
+def unfollowed_link(path: Path, root: Path) -> str | None:
+    """Why the scan does not follow ``path``, a symbolic link, or None where it does (a link to a
+    file inside the dataset root). The policy: never leave the root (``root``, resolved), never
+    read a folder twice (every folder inside the root is read where it is), so a link can
+    neither add images from elsewhere nor loop; each skipped link is named in a warning."""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return f"{path.relative_to(root)} (broken or looping link)"
+    if not target.is_relative_to(root.resolve()):
+        return f"{path.relative_to(root)} -> {target} (outside the dataset root)"
+    if target.is_dir():
+        return f"{path.relative_to(root)} -> {target.relative_to(root.resolve())} (a folder read where it is)"
+    return None
+
+
+def _class_images(class_dir: Path, root: Path, ignored: list[str], skipped_links: list[str]) -> list[Path]:
     images = []
-    for parent, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    # followlinks=False: a linked folder is listed, not entered (see unfollowed_link).
+    for parent, dirnames, filenames in os.walk(class_dir, followlinks=False):
         parent_path = Path(parent)
-        hidden = sorted(d for d in dirnames if _is_hidden(d))
+        links = sorted(d for d in dirnames if (parent_path / d).is_symlink())
+        skipped_links.extend(why for d in links if (why := unfollowed_link(parent_path / d, root)))
+        hidden = sorted(d for d in dirnames if _is_hidden(d) and d not in links)
         ignored.extend(str((parent_path / d).relative_to(root)) + "/" for d in hidden)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and d not in links)
         for filename in sorted(filenames):
             path = parent_path / filename
-            if _is_hidden(filename) or path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.is_symlink() and (why := unfollowed_link(path, root)):
+                skipped_links.append(why)
+            elif _is_hidden(filename) or path.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored.append(str(path.relative_to(root)))
             else:
                 images.append(path)
     return images
+
+
+def _domain_folders(
+    root: Path, name: str, domains: Sequence[str] | None, ignored: list[str], skipped_links: list[str]
+) -> list[str]:
+    """The domain folders of ``root``: the configured ``domains`` (each must exist) or, with
+    None, every visible folder; other entries go to ``ignored`` and ``skipped_links``."""
+    folders = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() and (why := unfollowed_link(entry, root)):
+            skipped_links.append(why)
+        elif entry.is_dir() and not _is_hidden(entry.name):
+            folders.append(entry.name)
+        else:
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
+    if domains is None:
+        domain_names = folders
+    else:
+        domain_names = list(domains)
+        missing = [d for d in domain_names if d not in folders]
+        if missing:
+            unexpected = [f for f in folders if f not in domain_names]
+            raise UserInputError(
+                f"{name}: domain folder(s) {missing} not found in {root} (found {folders}; "
+                f"not in the config: {unexpected}); the dataset config expects {domain_names}"
+            )
+        ignored.extend(f + "/" for f in folders if f not in domain_names)
+    if not domain_names:
+        raise UserInputError(f"{name}: {root} holds no domain folders (<domain>/<class>/<image>)")
+    return domain_names
 
 
 def scan_image_tree(
@@ -133,33 +205,17 @@ def scan_image_tree(
             "paths.data_dir (or $DATA_DIR) at its parent"
         )
     ignored: list[str] = []
-    folders = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir() and not _is_hidden(entry.name):
-            folders.append(entry.name)
-        else:
-            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
-    if domains is None:
-        domain_names = folders
-    else:
-        domain_names = list(domains)
-        missing = [d for d in domain_names if d not in folders]
-        if missing:
-            unexpected = [f for f in folders if f not in domain_names]
-            raise UserInputError(
-                f"{name}: domain folder(s) {missing} not found in {root} (found {folders}; "
-                f"not in the config: {unexpected}); the dataset config expects {domain_names}"
-            )
-        ignored.extend(f + "/" for f in folders if f not in domain_names)
-    if not domain_names:
-        raise UserInputError(f"{name}: {root} holds no domain folders (<domain>/<class>/<image>)")
+    skipped_links: list[str] = []
+    domain_names = _domain_folders(root, name, domains, ignored, skipped_links)
 
     files: dict[str, dict[str, list[Path]]] = {}
     for domain in domain_names:
         per_class: dict[str, list[Path]] = {}
         for entry in sorted((root / domain).iterdir()):
-            if entry.is_dir() and not _is_hidden(entry.name):
-                per_class[entry.name] = _class_images(entry, root, ignored)
+            if entry.is_symlink() and (why := unfollowed_link(entry, root)):
+                skipped_links.append(why)
+            elif entry.is_dir() and not _is_hidden(entry.name):
+                per_class[entry.name] = _class_images(entry, root, ignored, skipped_links)
             else:
                 ignored.append(f"{domain}/{entry.name}" + ("/" if entry.is_dir() else ""))
         if classes is not None:
@@ -182,7 +238,7 @@ def scan_image_tree(
         class_names = sorted({c for per_class in files.values() for c, images in per_class.items() if images})
     for domain, per_class in files.items():
         ignored.extend(f"{domain}/{c}/" for c, images in per_class.items() if not images and c not in class_names)
-    return ImageTree(root, domain_names, class_names, files, ignored)
+    return ImageTree(root, domain_names, class_names, files, ignored, skipped_links)
 
 
 def find_unreadable(paths: Sequence[Path]) -> dict[Path, str]:

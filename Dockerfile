@@ -1,8 +1,11 @@
 # CPU image (the CUDA image is Dockerfile.cuda); README, "Docker", has the build and run commands.
 # Nothing secret is in it: .dockerignore keeps .env (and data/, logs/) out of the build context, and
 # .env is passed at run time with `docker run --env-file .env`.
-# Pinned by exact tag; Python 3.12, as in the CUDA image (Ubuntu 24.04's python3).
-FROM python:3.12.12-slim-bookworm
+# Pinned by exact tag; Python 3.12, as in the CUDA image (Ubuntu 24.04's python3). Another base with
+# python (3.10+), its venv module and headers can be passed: `--build-arg BASE_IMAGE=...`
+# (scripts/docker_check.sh builds on a Debian bookworm base it makes with mmdebstrap).
+ARG BASE_IMAGE=python:3.12.12-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # The CPU wheels of the two pins in pyproject.toml (a mirror of this index may be passed instead).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

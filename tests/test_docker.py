@@ -1,9 +1,11 @@
-"""The Docker images, checked without Docker: hadolint, and what the images promise (README, "Docker").
+"""The Docker images, checked statically: hadolint, and what the images promise (docs/docker.md).
 
 Dockerfile is the CPU image, Dockerfile.cuda the CUDA one. Both run as a non-root user from a base
-image pinned by tag, keep secrets out (``.env`` is passed with ``docker run --env-file``) and run
-W&B offline by default; the CUDA image's torch wheels match its CUDA version. Building needs a
-Docker engine and gigabytes of downloads, so it is ``make docker``, not a test.
+image pinned by tag (the default of their ``BASE_IMAGE`` build argument), keep secrets out (``.env``
+is passed with ``docker run --env-file``) and run W&B offline by default; the CUDA image's torch
+wheels match its CUDA version. Building both and training inside them takes minutes and gigabytes,
+so it is ``scripts/docker_check.sh`` (run by CI after the tests), not a test; the tests here check
+what that script relies on.
 """
 
 from __future__ import annotations
@@ -50,22 +52,29 @@ def final_stage(name: str) -> list[tuple[str, str]]:
 
 
 def base_images(name: str) -> list[str]:
-    """The images of the FROM lines, leaving out earlier stages named with AS."""
+    """The images of the FROM lines as built by default (global ARG defaults substituted),
+    leaving out earlier stages named with AS."""
     images, stages = [], set()
+    variables = arg_defaults(name, global_only=True)
     for keyword, args in instructions(name):
         if keyword != "FROM":
             continue
         words = [w for w in args.split() if not w.startswith("--")]
-        if words[0].lower() not in stages:
-            images.append(words[0])
+        image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m[1] or m[2], m[0]), words[0])
+        if image.lower() not in stages:
+            images.append(image)
         if len(words) >= 3 and words[1].upper() == "AS":
             stages.add(words[2].lower())
     return images
 
 
-def arg_defaults(name: str) -> dict[str, str]:
+def arg_defaults(name: str, *, global_only: bool = False) -> dict[str, str]:
+    """ARG defaults; with global_only, those declared before the first FROM (the only ones a FROM
+    line can use)."""
     defaults = {}
     for keyword, args in instructions(name):
+        if global_only and keyword == "FROM":
+            break
         if keyword == "ARG" and "=" in args:
             key, _, value = args.partition("=")
             defaults[key.strip()] = value.strip().strip('"')
@@ -178,7 +187,7 @@ def test_base_image_is_pinned_by_tag(name):
     images = base_images(name)
     assert images, f"{name}: no FROM"
     for image in images:
-        assert "$" not in image, f"{name}: FROM {image} is chosen at build time"
+        assert "$" not in image, f"{name}: FROM {image} uses a build argument without a default"
         reference, _, digest = image.partition("@")
         last = reference.rsplit("/", 1)[-1]
         assert ":" in last, f"{name}: FROM {image} has no tag"
@@ -272,3 +281,45 @@ def test_cuda_image_takes_the_wheels_of_its_cuda_version():
     wheels = f"{TORCH_INDEX}cu{match[1]}{match[2]}"
     urls = re.findall(r"--index-url[ =](\S+)", torch_install("Dockerfile.cuda").replace('"', ""))
     assert urls == [wheels], f"Dockerfile.cuda: base {image} needs torch from {wheels}, not {urls}"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_image_is_a_build_argument(name):
+    # scripts/docker_check.sh (and a user with a mirror) swaps the base with --build-arg BASE_IMAGE=...
+    froms = [args for keyword, args in instructions(name) if keyword == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], f"{name}: FROM {froms}, expected FROM ${{BASE_IMAGE}}"
+    assert arg_defaults(name, global_only=True).get("BASE_IMAGE"), f"{name}: ARG BASE_IMAGE=<image> before FROM"
+
+
+def test_env_example_is_a_valid_env_file():
+    # docker/podman --env-file take KEY=VALUE literally: no `export`, and quotes would become part
+    # of the value.
+    lines = [line for line in (ROOT / ".env.example").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines
+    for line in lines:
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f".env.example: {line!r} is not KEY=VALUE"
+        assert not value.startswith(("'", '"')), f".env.example: {line!r}: --env-file keeps the quotes"
+    assert "WANDB_MODE=offline" in lines
+
+
+def docker_check_smoke_run() -> list[str]:
+    script = (ROOT / "scripts" / "docker_check.sh").read_text()
+    match = re.search(r"^SMOKE_RUN=\((.*)\)$", script, re.MULTILINE)
+    assert match, "scripts/docker_check.sh: no SMOKE_RUN=(...) line"
+    return shlex.split(match[1])
+
+
+def test_docker_check_script_parses():
+    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "docker_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("extra", [["optimizer.compiled=true"], []])
+def test_docker_check_smoke_run_is_a_valid_config(make_config, extra):
+    # CI trains with these overrides inside the images; a renamed config key fails here first.
+    cfg = make_config(*docker_check_smoke_run(), *extra)
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.val_check_interval == 5
+    assert cfg.trainer.limit_val_batches == 1
+    assert cfg.optimizer.compiled is bool(extra)
+    assert cfg.dataset.dataset._target_ == "genie_dg.data.rotated_mnist", "the check reads six domains' accuracies"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genie_dg.optim import GENIE
-from genie_dg.optim.genie.compiled import compiled_mask, mask_threshold
+from genie_dg.optim.genie.compiled import compiled_mask, hash_bits, mask_threshold
 from genie_dg.optim.genie.formulas import tanh_nonnegative
 
 SHAPES = [(8, 4), (16,), (3, 3, 2)]
@@ -101,6 +101,28 @@ def test_hash_mask_drops_a_fraction_p_independently_per_key():
     assert abs((a[1:] == a[:-1]).float().mean().item() - 0.58) < 0.01
     high = compiled_mask(param, torch.tensor(12345 + (1 << 40)), thr)
     assert abs((a == high).float().mean().item() - 0.58) < 0.01
+
+
+def _changed_bits(a: torch.Tensor, b: torch.Tensor) -> float:
+    diff = a ^ b
+    return float(sum(((diff >> i) & 1).sum() for i in range(24))) / (24 * diff.numel())
+
+
+def test_hash_is_uniform_and_every_index_and_key_bit_avalanches():
+    """The int32 Feistel hash keeps the statistics of a good 32-bit mixer: uniform 24-bit
+    outputs, and flipping any one input bit (index or key) flips about half the output bits."""
+    index = torch.arange(1 << 18, dtype=torch.int32)
+    key = torch.tensor(0x1234_5678_9ABC_DEF0)
+    h = hash_bits(index, key)
+    assert h.min() >= 0 and h.max() < (1 << 24)
+    counts = torch.bincount(h >> 16, minlength=256).float()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # 5 sigma above the chi-square's mean
+    for bit in (0, 1, 7, 15, 16, 17):
+        assert abs(_changed_bits(h, hash_bits(index ^ (1 << bit), key)) - 0.5) < 0.02, bit
+    for bit in (0, 15, 16, 31, 32, 47, 48, 62):
+        assert abs(_changed_bits(h, hash_bits(index, key ^ (1 << bit))) - 0.5) < 0.02, bit
+    assert torch.equal(hash_bits(index.long(), key), h.long())  # int64 indices (huge tensors) agree
 
 
 def test_kernel_tanh_is_within_two_float32_ulps_of_torch_tanh():
@@ -254,3 +276,47 @@ def test_loading_a_checkpoint_keeps_this_optimizers_implementation():
     back = GENIE(params, lr=0.1, seed=7, compiled=True)
     back.load_state_dict(eager.state_dict())
     assert back.param_groups[0]["compiled"] is True
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_hash_mask_is_the_cpu_one():
+    param = torch.empty(1000, 33)
+    thr = torch.tensor(mask_threshold(0.4))
+    for key in (0, 12345, -(1 << 62), (1 << 63) - 1):
+        key_t = torch.tensor(key)
+        cpu = compiled_mask(param, key_t, thr)
+        cuda = compiled_mask(param.cuda(), key_t.cuda(), thr.cuda())
+        assert torch.equal(cuda.cpu(), cpu)
+
+
+@needs_cuda
+@pytest.mark.parametrize("switches", [dict(mask=False), dict(mask=False, variant="algorithm1", noise_std=0.05)])
+def test_cuda_compiled_matches_cuda_eager_without_mask(switches):
+    eager = [p.detach().cuda().requires_grad_(True) for p in _params()]
+    fused = [p.detach().cuda().requires_grad_(True) for p in _params()]
+    for params, opt in (
+        (eager, GENIE(eager, lr=0.1, seed=1, foreach=True, **switches)),
+        (fused, GENIE(fused, lr=0.1, seed=1, compiled=True, **switches)),
+    ):
+        for k in range(5):
+            for p, g in zip(params, _grads(k)):
+                p.grad = g.cuda()
+            opt.step()
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_compiled_mask_drops_exactly_the_hashed_coordinates():
+    """Inductor emits Triton on CUDA; its mask must be the documented hash of the drawn key."""
+    param = torch.zeros(64, 65, device="cuda", requires_grad=True)
+    opt = GENIE([param], lr=0.1, seed=3, p=0.4, noise=False, compiled=True)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    key = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=gen, dtype=torch.int64, device="cuda")[0]
+    param.grad = torch.ones_like(param)
+    opt.step()
+    moved = param.detach() != 0
+    assert torch.equal(moved, compiled_mask(param, key, torch.tensor(mask_threshold(0.4), device="cuda")))

@@ -341,3 +341,15 @@ def test_slices_of_large_tensors_give_the_foreach_result_bit_for_bit(switches):
     _assert_same_state(oa, a, ob, b)
     if switches.get("noise", True):
         assert oa.statistics()[0]["noise_active_fraction"] > 0
+
+
+def test_float32_tanh_is_exactly_one_where_the_eager_step_skips_it():
+    """``formulas.confidence`` skips ``tanh`` where ``var <= 0.11``, i.e. ``1/var >= 9.09``; that
+    is exact only while torch's float32 tanh rounds to 1 from 9.0108 on (vector code and tails)."""
+    import numpy as np
+
+    start, stop = np.float32(9.0108404).view(np.int32), np.float32(10.0).view(np.int32)
+    x = torch.from_numpy(np.arange(start, stop + 1, dtype=np.int32).view(np.float32))
+    assert torch.equal(torch.tanh(x), torch.ones_like(x))
+    assert all(torch.equal(torch.tanh(x[:n]), torch.ones(n)) for n in (1, 3, 7, 15))
+    assert 1 / torch.tensor(0.11) >= 9.09

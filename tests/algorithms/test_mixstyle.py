@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.mixstyle import MixStyle, mix_styles
-from genie_dg.algorithms.timm_resnet import captured_outputs, stem_and_stages
+from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 from genie_dg.errors import UserInputError
 from genie_dg.models import Classifier, create_backbone
 

@@ -20,7 +20,7 @@ from genie_dg.algorithms.base import (
     hparam,
     pooled,
 )
-from genie_dg.algorithms.timm_resnet import captured_outputs, first_conv_in_channels, stem_and_stages
+from genie_dg.models.timm_resnet import captured_outputs, first_conv_in_channels, stem_and_stages
 
 
 class VarianceEncoder(nn.Module):

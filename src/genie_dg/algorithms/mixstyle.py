@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, pooled
-from genie_dg.algorithms.timm_resnet import RESIDUAL_STAGES, require_resnet
+from genie_dg.models.timm_resnet import RESIDUAL_STAGES, require_resnet
 
 
 def mix_styles(x: torch.Tensor, weight: torch.Tensor, partner: torch.Tensor, eps: float) -> torch.Tensor:

@@ -92,9 +92,9 @@ def test_splits_hold_out_a_seeded_fraction_of_each_training_domain():
 
 def test_training_batches_hold_batch_size_samples_of_every_domain():
     dm = _datamodule(test_domains=[0, 5], batch_size=8)
-    x, y, domain = next(iter(dm.train_dataloader()))
-    assert x.shape == (32, 1, 28, 28)
-    assert domain.tolist() == [1] * 8 + [2] * 8 + [3] * 8 + [4] * 8
+    batches = next(iter(dm.train_dataloader()))
+    assert [b.domain for b in batches] == [1, 2, 3, 4], "one minibatch per training domain, in order"
+    assert all(b.x.shape == (8, 1, 28, 28) and b.y.shape == (8,) for b in batches)
 
 
 def test_balanced_sampler_covers_each_domain_once_per_pass_and_splits_ranks():

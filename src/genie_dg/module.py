@@ -98,13 +98,7 @@ class DGModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        x, y, domain = batch
-        per_domain = len(x) // len(self.hparams.train_domains)
-        batches = [
-            DomainBatch(xs, ys, int(ds[0]))
-            for xs, ys, ds in zip(x.split(per_domain), y.split(per_domain), domain.split(per_domain))
-        ]
+    def training_step(self, batches: list[DomainBatch], batch_idx: int) -> torch.Tensor:
         # A closure optimizer re-runs this method after each backward pass of the step.
         first_pass = self._backward_passes == 0
         if self.automatic_optimization:

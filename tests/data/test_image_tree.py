@@ -47,8 +47,10 @@ def test_stray_files_and_hidden_folders_are_ignored_with_one_warning_listing_the
     (root / "art" / "zebra").mkdir()  # an empty class folder
     with caplog.at_level(logging.WARNING, logger=WARNING_LOGGER):
         data = domain_image_folder(root, "toy", augment=False)
-    warnings = [r.getMessage() for r in caplog.records if r.name == WARNING_LOGGER]
+    messages = [r.getMessage() for r in caplog.records if r.name == WARNING_LOGGER]
+    warnings = [m for m in messages if "ignored" in m]
     assert len(warnings) == 1
+    assert "toy: domain 'art' has no image of 1 of the 2 classes: horse" in messages
     for ignored in (
         "README.txt",
         ".DS_Store",
@@ -209,9 +211,10 @@ def test_image_folder_config_trains_on_a_user_tree_through_build(make_config, sm
     datamodule, model, trainer = build(cfg)
     assert datamodule.dataset.name == "my_data"
     assert datamodule.dataset.classes == ["cat", "dog"]
-    assert [s.domain for s in datamodule.eval_sets] == ["clipart", "photo", "sketch"]
-    x, y, domain = next(iter(datamodule.train_dataloader()))
-    assert x.shape == (16, 3, 32, 32) and set(domain.tolist()) == {0, 1}
+    # The target's in part is reported, its out part held for oracle selection (target_holdout).
+    assert [s.name for s in datamodule.eval_sets] == ["clipart", "photo", "sketch", "sketch/out"]
+    batches = next(iter(datamodule.train_dataloader()))
+    assert [b.x.shape for b in batches] == [(8, 3, 32, 32)] * 2 and [b.domain for b in batches] == [0, 1]
     trainer.fit(model, datamodule=datamodule)
     assert trainer.global_step == 1
     assert torch.isfinite(next(model.parameters())).all()

@@ -42,7 +42,7 @@ def _train_on_one_batch(datamodule, steps: int) -> tuple[torch.Tensor, torch.Ten
     """Make every training step see the run's first batch; returns its images and labels."""
     batch = next(iter(datamodule.train_dataloader()))
     datamodule.train_dataloader = lambda: DataLoader([batch] * steps, batch_size=None)
-    return batch[0], batch[1]
+    return torch.cat([b.x for b in batch]), torch.cat([b.y for b in batch])
 
 
 def _loss(network: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

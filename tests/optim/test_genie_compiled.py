@@ -200,7 +200,8 @@ def test_trains_the_default_experiment_through_lightning(short_run_config):
         # Batch statistics, as in training, on a copy so the running statistics stay put.
         network = copy.deepcopy(model.network).train()
         with torch.no_grad():
-            return F.cross_entropy(network(batch[0]), batch[1]).item()
+            x, y = torch.cat([b.x for b in batch]), torch.cat([b.y for b in batch])
+            return F.cross_entropy(network(x), y).item()
 
     before = loss()
     trainer.fit(model, datamodule=datamodule)

@@ -16,19 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genie_dg.data.multidomain import DomainBatch
 from genie_dg.errors import UserInputError
 from genie_dg.optim import differentiates_gradient
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-
-
-@dataclass
-class DomainBatch:
-    """One training domain's minibatch of a step."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    domain: int
 
 
 @dataclass

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Sampler, default_collate
 
-from genie_dg.data.multidomain import DomainSubset, MultiDomainDataset
+from genie_dg.data.multidomain import DomainBatch, DomainSubset, MultiDomainDataset
 from genie_dg.errors import UserInputError
 
 
@@ -61,6 +62,21 @@ class BalancedDomainBatchSampler(Sampler[list[int]]):
 
 
 @dataclass(frozen=True)
+class PerDomainCollate:
+    """Collates a :class:`BalancedDomainBatchSampler` batch into one :class:`DomainBatch` per
+    training domain, in domain order, so a training step receives DomainBed's ``minibatches``."""
+
+    batch_size: int
+
+    def __call__(self, samples: list[tuple[Any, ...]]) -> list[DomainBatch]:
+        x, y, domain = default_collate(samples)
+        return [
+            DomainBatch(xs, ys, int(ds[0]))
+            for xs, ys, ds in zip(x.split(self.batch_size), y.split(self.batch_size), domain.split(self.batch_size))
+        ]
+
+
+@dataclass(frozen=True)
 class EvalSet:
     """One evaluation loader: a domain, whether it was seen in training, and whether it is the
     held-out part of a target domain (DomainBed's test-domain validation split, read only by
@@ -95,8 +111,8 @@ class MultiDomainDataModule(LightningDataModule):
 
     Domains are given by index or name.
 
-    ``train_dataloader`` yields ``(x, y, domain)`` with ``batch_size`` samples of every training
-    domain per step. Validation and test loaders come in :attr:`eval_sets` order: the
+    ``train_dataloader`` yields a list of :class:`DomainBatch`, one per training domain, each
+    of ``batch_size`` samples. Validation and test loaders come in :attr:`eval_sets` order: the
     held-out slice of each training domain, then each target domain, then (with
     ``target_holdout``) the held-out part of each target domain.
     """
@@ -234,6 +250,7 @@ class MultiDomainDataModule(LightningDataModule):
         return DataLoader(
             ConcatDataset(self.train_parts),
             batch_sampler=sampler,
+            collate_fn=PerDomainCollate(self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -6,7 +6,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
+
+
+@dataclass
+class DomainBatch:
+    """One training domain's minibatch of a step (DomainBed's ``minibatches`` hold one each).
+
+    ``domain`` is the domain's index in its dataset's ``domain_names``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    domain: int
 
 
 @dataclass

@@ -142,7 +142,8 @@ class OSGRMonitor(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         due = trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0
-        self._batch = (batch[0], batch[1]) if due else None
+        # One DomainBatch per training domain: the step's whole batch, as the optimizer saw it.
+        self._batch = (torch.cat([b.x for b in batch]), torch.cat([b.y for b in batch])) if due else None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
         if self._batch is None:

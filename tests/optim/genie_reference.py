@@ -8,7 +8,7 @@ import math
 import torch
 
 # ---------------------------------------------------------------------------
-# an independent, line-by-line float64 reading of genie.md (plain Python floats)
+# an independent, line-by-line float64 reading of docs/genie.md (plain Python floats)
 # ---------------------------------------------------------------------------
 
 

@@ -258,7 +258,7 @@ def _preconditioner(optimizer: Optimizer, group: dict, state: dict) -> Tensor | 
 
 
 def estimated_osgr(statistics: GradientStatistics, preconditioner: Mapping[str, Tensor | None]) -> float:
-    """OSGR predicted from gradient statistics (design note, after paper Eq. 2).
+    """OSGR predicted from gradient statistics (docs/genie.md, after paper Eq. 2).
 
         R = 1 - (1/n) sum_j W_j / (r_j + 1/n),   W_j = p_j E[g_j^2] / sum_k p_k E[g_k^2]
 

@@ -121,7 +121,8 @@ def single_tensor_genie(
         step_t += 1
         sc = step_scalars(hp.beta, int(step_t.item()))
         floor = floor_of(hp.eps, theta.dtype)
-        if _sliceable(param, m, s, g):
+        sliced = _sliceable(param, theta, m, s, g)
+        if sliced:
             direction = _direction_in_slices(m, s, g, sc, floor, hp)
         else:
             direction = _direction(m, s, g, sc, floor, hp)
@@ -135,13 +136,25 @@ def single_tensor_genie(
                 d.addcmul_(torch.rsub(direction.lam, 1.0), xi, value=amplitude)
             if hp.use_mask:
                 u = torch.rand(param.shape, generator=gen, dtype=theta.dtype, device=param.device)
-                u.gt_(hp.p)
         if hp.use_mask:
-            theta.addcmul_(d, u, value=-hp.lr / (1.0 - hp.p))
+            _apply_masked(theta, d, u, hp, sliced)
         else:
             theta.add_(d, alpha=-hp.lr)
         if lowp:
             param.copy_(theta)
+
+
+def _apply_masked(theta: Tensor, d: Tensor, u: Tensor, hp: Hyperparameters, sliced: bool) -> None:
+    """``theta -= lr * d * 1[u > p] / (1 - p)``; slice by slice for a sliced tensor, so each
+    slice of ``u`` is read from the cache the second time."""
+    value = -hp.lr / (1.0 - hp.p)
+    if not sliced:
+        theta.addcmul_(d, u.gt_(hp.p), value=value)
+        return
+    flat = [x.view(-1) for x in (theta, d, u)]
+    for start in range(0, theta.numel(), CPU_CHUNK_NUMEL):
+        th, dd, uu = (x[start : start + CPU_CHUNK_NUMEL] for x in flat)
+        th.addcmul_(dd, uu.gt_(hp.p), value=value)
 
 
 def multi_tensor_genie(

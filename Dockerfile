@@ -1,4 +1,4 @@
-# CPU image (the CUDA image is Dockerfile.cuda); README, "Docker", has the build and run commands.
+# CPU image (the CUDA image is Dockerfile.cuda); docs/docker.md has the build and run commands.
 # Nothing secret is in it: .dockerignore keeps .env (and data/, logs/) out of the build context, and
 # .env is passed at run time with `docker run --env-file .env`.
 # Pinned by exact tag; Python 3.12, as in the CUDA image (Ubuntu 24.04's python3). Another base with

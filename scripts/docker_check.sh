@@ -50,24 +50,41 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# step NAME FUNCTION: runs FUNCTION with its output in $WORK/logs/NAME.log and records its time.
-# The function runs in a subshell with errexit on (inside `if` or `||` bash would ignore it).
-step() {
-    local name=$1 function=$2 started=$SECONDS rc
+# start_step NAME FUNCTION: runs FUNCTION in the background, in a subshell with errexit on (inside
+# `if` or `||` bash would ignore it), its output in $WORK/logs/NAME.log. finish_step NAME waits
+# for it and records its time; on a failure it waits for the other running steps (no container
+# is left behind), prints the end of the log and stops. Steps overlap where the 2 cores of a CI
+# machine allow: the base with the wheel download, and the CPU image's training (a minute or two
+# of torch.compile) with the CUDA image's build and training.
+declare -A STEP_PID=() STEP_START=()
+start_step() {
+    local name=$1 function=$2
     say "$name ..."
-    set +e
+    STEP_START[$name]=$SECONDS
+    rm -f "$WORK/logs/$name.end"
     (
         set -euo pipefail
         "$function"
-    ) >"$WORK/logs/$name.log" 2>&1
-    rc=$?
-    set -e
+        echo "$SECONDS" >"$WORK/logs/$name.end"
+    ) >"$WORK/logs/$name.log" 2>&1 &
+    STEP_PID[$name]=$!
+}
+finish_step() {
+    local name=$1 rc=0 other
+    wait "${STEP_PID[$name]}" || rc=$?
+    unset "STEP_PID[$name]"
     if [ "$rc" -ne 0 ]; then
+        for other in "${!STEP_PID[@]}"; do wait "${STEP_PID[$other]}" || true; done
         tail -n 25 "$WORK/logs/$name.log" >&2
         die "step '$name' failed (exit $rc); full log: $WORK/logs/$name.log"
     fi
-    TIMINGS+=("$name $((SECONDS - started))")
-    say "$name done in $((SECONDS - started)) s"
+    local took=$(($(cat "$WORK/logs/$name.end") - STEP_START[$name]))
+    TIMINGS+=("$name $took")
+    say "$name done in $took s"
+}
+step() {
+    start_step "$1" "$2"
+    finish_step "$1"
 }
 
 image_exists() { podman image exists "$1"; }
@@ -147,17 +164,24 @@ make_base() {
 # torch and torchvision (about 6 GB with the CUDA libraries PyPI's wheels bring) go into the base
 # once, in /opt/venv where both Dockerfiles make their venv: their own `pip install torch==...`
 # then finds the pins satisfied, and the 6 GB layer is written once instead of once per image.
+# The host's pip downloads the wheels (a machine of this kind takes them from its local disk);
+# the container installs them with no network.
+download_wheels() {
+    if image_exists "$SEED"; then
+        echo "$SEED exists"
+        return
+    fi
+    rm -rf "$WORK/wheels"
+    # shellcheck disable=SC2086  # PINS is two words
+    nice -n 10 python3 -m pip download --quiet --dest "$WORK/wheels" --only-binary=:all: \
+        --python-version 3.11 $PINS
+}
+
 seed_torch() {
     if image_exists "$SEED"; then
         echo "$SEED exists"
         return
     fi
-    # The host's pip downloads the wheels (a machine of this kind takes them from its local disk);
-    # the container installs them with no network.
-    rm -rf "$WORK/wheels"
-    # shellcheck disable=SC2086  # PINS is two words
-    nice -n 10 python3 -m pip download --quiet --dest "$WORK/wheels" --only-binary=:all: \
-        --python-version 3.11 $PINS
     podman rm -f "$CONTAINER_PREFIX-seed" >/dev/null 2>&1 || true
     nice -n 10 podman run --name "$CONTAINER_PREFIX-seed" --network none -v "$WORK/wheels:/mnt:ro" "$BASE" \
         sh -c "python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /mnt $PINS"
@@ -218,7 +242,8 @@ for name, compiled in (("cpu", True), ("cuda", False)):
     # torch.save writes a zip archive holding data.pkl
     assert zipfile.is_zipfile(checkpoint), f"{name}: {checkpoint} is not a torch checkpoint"
     assert any(n.endswith("data.pkl") for n in zipfile.ZipFile(checkpoint).namelist()), f"{name}: {checkpoint} has no data.pkl"
-    owners = {p.stat().st_uid for p in run.rglob("*")}
+    # lstat: W&B leaves symbolic links to files inside the container (its debug-core.log)
+    owners = {p.lstat().st_uid for p in run.rglob("*")}
     assert owners == {1000}, f"{name}: files owned by uids {owners}, expected the image's user 1000"
     config = (run / "config_resolved.yaml").read_text()
     assert ("compiled: true" in config) == compiled, f"{name}: optimizer.compiled is not {compiled}"
@@ -235,21 +260,27 @@ export CONTAINERS_CONF=$WORK/containers.conf
 configure_podman
 PINS=$(torch_pins)
 SEED="$BASE-$(echo "$PINS" | tr -d '=' | tr ' ' '-')"
-if [ "$FRESH" = 1 ]; then
+remove_images() {
+    local image
     for image in "$CUDA_IMAGE" "$CPU_IMAGE" "$SEED" "$BASE"; do
-        if image_exists "$image"; then podman rmi -f "$image" >/dev/null; fi
+        if image_exists "$image"; then podman rmi -f "$image"; fi
     done
-fi
-step base make_base
+}
+if [ "$FRESH" = 1 ]; then step remove-images remove_images; fi
+start_step base make_base
+start_step wheels download_wheels
+finish_step base
+finish_step wheels
 step seed seed_torch
 step build-cpu build_cpu
+start_step train-cpu train_cpu
 step build-cuda build_cuda
-step train-cpu train_cpu
 step train-cuda train_cuda
+finish_step train-cpu
 step check-runs check_runs
 cat "$WORK/logs/check-runs.log"
 
-say "step times (s):"
+say "step times (s; base overlaps wheels, train-cpu overlaps build-cuda and train-cuda):"
 for timing in "${TIMINGS[@]}"; do printf '  %-11s %5s\n' "${timing% *}" "${timing##* }"; done
 printf '  %-11s %5s\n' total $((SECONDS - START))
 say "image sizes: base $(size_of "$BASE"), base+torch $(size_of "$SEED"), cpu $(size_of "$CPU_IMAGE"), cuda $(size_of "$CUDA_IMAGE") (cpu and cuda share the base+torch layers)"

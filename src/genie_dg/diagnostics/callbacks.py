@@ -75,7 +75,7 @@ def _endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[t
 
 
 class OSGRMonitor(Callback):
-    """OSGR over training, measured (paper Eq. 1) and estimated (design note), and the GSNR.
+    """OSGR over training, measured (paper Eq. 1) and estimated (docs/genie.md), and the GSNR.
 
     Every ``every_n_steps`` steps, just before the optimizer steps (gradients in place):
 

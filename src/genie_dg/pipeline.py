@@ -39,6 +39,7 @@ from genie_dg.reporting import (
 from genie_dg.results.recorder import ResultsRecorder
 from genie_dg.results.records import RESULTS_FILE, RunIdentity
 from genie_dg.run_dir import (
+    CHECKPOINT_CONFIG_KEY,
     AtomicCheckpointIO,
     ResumePoint,
     RunCheckpointState,
@@ -104,7 +105,7 @@ def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
     datamodule, model, trainer = build(cfg)
     ckpt_path = start.ckpt_path
     if start_checkpoint is not None and weights_only:
-        load_weights(model, start_checkpoint, ckpt_path, cfg)
+        start_from_weights(model, start_checkpoint, ckpt_path, cfg)
         ckpt_path = None
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -127,13 +128,13 @@ def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
     return summary
 
 
-def load_weights(model: DGModule, checkpoint: dict[str, Any], path: str, cfg: DictConfig) -> None:
+def start_from_weights(model: DGModule, checkpoint: dict[str, Any], path: str, cfg: DictConfig) -> None:
     """Start ``model`` from a checkpoint's weights only (``+ckpt_weights_only=true``): its
     optimizer state, step and callbacks' state are left behind."""
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
-        saved = checkpoint.get("genie_dg_config")
+        saved = checkpoint.get(CHECKPOINT_CONFIG_KEY)
         difference = config_difference(saved, keyed_config(cfg), "in the checkpoint") if saved else None
         reason = difference or str(err).splitlines()[0]
         raise UserInputError(

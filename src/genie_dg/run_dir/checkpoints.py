@@ -144,7 +144,8 @@ class RunCheckpointState(L.Callback):
     """Keeps a run's checkpoints and its loggers' history in step: stores ``config``
     (:func:`~genie_dg.run_dir.config.keyed_config`) in every checkpoint and flushes the loggers
     before it is written (their history is never shorter than the checkpoint's); a resumed run's
-    loggers forget what they logged past its checkpoint (it is logged again)."""
+    loggers forget what they logged past its checkpoint (it is logged again), and log the test
+    at the step of the trained model."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -154,6 +155,12 @@ class RunCheckpointState(L.Callback):
             drop_rows_after = getattr(logger, "drop_rows_after", None)
             if drop_rows_after is not None:
                 drop_rows_after(trainer.global_step)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            start_test = getattr(logger, "start_test", None)
+            if start_test is not None:
+                start_test(trainer.global_step)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.config

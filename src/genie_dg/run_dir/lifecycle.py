@@ -152,7 +152,9 @@ class ResumePoint(NamedTuple):
 def own_checkpoint(output_dir: Path) -> str | None:
     """This directory's last checkpoint if it loads, else the newest one that does (saying so)."""
     checkpoints = output_dir / CHECKPOINT_DIR
-    remove_stale_temporaries(checkpoints)
+    if locks_its_run():
+        # Only the process that owns the directory: a DDP replica starts while rank 0 may write.
+        remove_stale_temporaries(checkpoints)
     own = output_dir / LAST_CHECKPOINT
     if not own.is_file():
         return None
@@ -161,8 +163,8 @@ def own_checkpoint(output_dir: Path) -> str | None:
     except UnreadableCheckpointError as err:
         fallback = newest_valid_checkpoint(checkpoints, exclude=own)
         log.warning("%s: resuming from %s instead", err, fallback or "the start (no valid checkpoint is left)")
-        # Kept for a look, out of the way: the next validation writes last.ckpt anew.
-        own.replace(own.with_name(own.name + ".damaged"))
+        # Left in place (the next validation replaces it): DDP replicas, which decide their
+        # resume point each on its own, must all see it and fall back alike.
         return None if fallback is None else str(fallback)
     log.info("resuming the unfinished run from %s", own)
     return str(own)

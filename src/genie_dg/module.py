@@ -27,7 +27,7 @@ differentiate.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
 from genie_dg.algorithms.base import DGAlgorithm, DomainBatch, StepContext
+from genie_dg.data.datamodule import accuracy_key
 from genie_dg.errors import UserInputError
 from genie_dg.models.backbone import Classifier
 from genie_dg.optim import differentiates_gradient, evaluates_closure
@@ -51,12 +52,13 @@ class DGModule(LightningModule):
     optimizer(s) through ``algorithm.configure_optimizers`` (by default one optimizer over the
     network and the algorithm's own submodules).
 
-    Evaluation loaders come in ``eval_domains`` order; ``target_domains`` marks the unseen
-    ones. Logged per stage (``val`` during training, ``test`` at the end): ``<stage>/<domain>/acc``,
-    ``<stage>/source_acc`` (mean over the training domains' held-out slices: DomainBed's
-    training-domain validation, the model-selection metric) and ``<stage>/target_acc``.
-    ``target_validation`` names the loaders that are held-out parts of target domains
-    (DomainBed's test-domain validation, for oracle selection): logged, but in neither mean.
+    ``eval_roles`` maps each evaluation loader's name, in loader order, to its role
+    (:attr:`genie_dg.data.EvalSet.role`). Logged per stage (``val`` during training, ``test`` at
+    the end): ``<stage>/<name>/acc``, ``<stage>/source_acc`` (mean over the ``source`` loaders,
+    the training domains' held-out slices: DomainBed's training-domain validation, the
+    model-selection metric) and ``<stage>/target_acc`` (mean over the ``target`` loaders). A
+    ``target_validation`` loader (a target's held-out part, for oracle selection) is logged, but
+    in neither mean.
     ``freeze_bn``: the featurizer's BatchNorm layers stay in eval mode (:class:`Classifier`).
     """
 
@@ -67,10 +69,8 @@ class DGModule(LightningModule):
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         num_classes: int,
         train_domains: Sequence[str],
-        eval_domains: Sequence[str],
-        target_domains: Sequence[str],
+        eval_roles: Mapping[str, str],
         input_shape: Sequence[int] | None = None,
-        target_validation: Sequence[str] = (),
         freeze_bn: bool = False,
     ) -> None:
         super().__init__()
@@ -87,11 +87,9 @@ class DGModule(LightningModule):
         # Methods with several optimizers or inner updates drive the step themselves.
         self.automatic_optimization = self.algorithm.automatic_optimization
         self.optimizer_factory = optimizer
-        self.eval_domains = list(eval_domains)
-        self.is_target = [d in set(target_domains) for d in eval_domains]
-        self.in_means = [d not in set(target_validation) for d in eval_domains]
+        self.eval_roles = dict(eval_roles)
         self.eval_accuracy = nn.ModuleList(
-            MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in eval_domains
+            MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in self.eval_roles
         )
         self._backward_passes = 0
 
@@ -182,22 +180,18 @@ class DGModule(LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def _log_accuracies(self, stage: str) -> None:
-        source, target = [], []
-        for domain, is_target, in_means, metric in zip(
-            self.eval_domains, self.is_target, self.in_means, self.eval_accuracy
-        ):
+        by_role: dict[str, list[torch.Tensor]] = {}
+        for (name, role), metric in zip(self.eval_roles.items(), self.eval_accuracy):
             if not metric.update_called:
                 continue
             accuracy = metric.compute()
             metric.reset()
             # compute() already gathered every replica's counts; sync_dist only tells Lightning so.
-            self.log(f"{stage}/{domain}/acc", accuracy, sync_dist=True)
-            if in_means:
-                (target if is_target else source).append(accuracy)
-        if source:
-            self.log(f"{stage}/source_acc", torch.stack(source).mean(), prog_bar=True, sync_dist=True)
-        if target:
-            self.log(f"{stage}/target_acc", torch.stack(target).mean(), sync_dist=True)
+            self.log(accuracy_key(stage, name), accuracy, sync_dist=True)
+            by_role.setdefault(role, []).append(accuracy)
+        for role, prog_bar in (("source", True), ("target", False)):
+            if by_role.get(role):
+                self.log(f"{stage}/{role}_acc", torch.stack(by_role[role]).mean(), prog_bar=prog_bar, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracies("val")

@@ -219,10 +219,8 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         optimizer=checked_optimizer(cfg.optimizer),
         num_classes=data.num_classes,
         train_domains=[data.domain_names[d] for d in datamodule.train_domains],
-        eval_domains=[s.name for s in datamodule.eval_sets],
-        target_domains=[data.domain_names[d] for d in datamodule.test_domains],
+        eval_roles={s.name: s.role for s in datamodule.eval_sets},
         input_shape=data.input_shape,
-        target_validation=[s.name for s in datamodule.eval_sets if s.is_target_validation],
         freeze_bn=bool(cfg.backbone.get("freeze_bn", False)),
     )
     identity = run_identity(cfg, datamodule, model)

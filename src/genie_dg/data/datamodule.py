@@ -76,6 +76,12 @@ class PerDomainCollate:
         ]
 
 
+def accuracy_key(stage: str, name: str) -> str:
+    """The logged metric of an evaluation set's accuracy: ``<stage>/<name>/acc``, stage ``val``
+    (during training) or ``test`` (the selected checkpoint)."""
+    return f"{stage}/{name}/acc"
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """One evaluation loader: a domain, whether it was seen in training, and whether it is the
@@ -91,6 +97,24 @@ class EvalSet:
         """The name its accuracy is logged under: the domain, or ``<domain>/out`` for a target's
         held-out part."""
         return f"{self.domain}/out" if self.is_target_validation else self.domain
+
+    @property
+    def role(self) -> str:
+        """``source`` (a training domain's held-out part: training-domain validation, the
+        selection metric), ``target`` (the reported part of an unseen domain) or
+        ``target_validation`` (an unseen domain's held-out part, read only by oracle selection)."""
+        if self.is_target_validation:
+            return "target_validation"
+        return "target" if self.is_target else "source"
+
+    def metric_key(self, stage: str) -> str:
+        return accuracy_key(stage, self.name)
+
+    @property
+    def split(self) -> str:
+        """DomainBed's name of the split evaluated: ``in`` for a target's reported part, ``out``
+        for a held-out part."""
+        return "in" if self.role == "target" else "out"
 
 
 PROTOCOLS = ("lodo", "sdg")

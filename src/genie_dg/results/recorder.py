@@ -49,9 +49,8 @@ def split_accuracies(
     """``{domain: {"in"|"out": accuracy}}`` from the ``<stage>/<eval set>/acc`` metrics."""
     accuracy: dict[str, dict[str, float]] = {}
     for eval_set in eval_sets:
-        value = metrics.get(f"{stage}/{eval_set.name}/acc")
+        value = metrics.get(eval_set.metric_key(stage))
         if value is None:
             continue
-        split = "in" if eval_set.is_target and not eval_set.is_target_validation else "out"
-        accuracy.setdefault(eval_set.domain, {})[split] = float(value)
+        accuracy.setdefault(eval_set.domain, {})[eval_set.split] = float(value)
     return accuracy

@@ -48,7 +48,6 @@ cleanup() {
     done
     rm -rf "$WORK/wheels"
 }
-trap cleanup EXIT
 
 # start_step NAME FUNCTION: runs FUNCTION in the background, in a subshell with errexit on (inside
 # `if` or `||` bash would ignore it), its output in $WORK/logs/NAME.log. finish_step NAME waits
@@ -255,6 +254,10 @@ EOF
 size_of() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'; }
 
 preflight
+# One run at a time: a second would share the work folder, the image names and the containers.
+exec 9>"$WORK/lock"
+flock --nonblock 9 || die "another scripts/docker_check.sh is running (lock: $WORK/lock)"
+trap cleanup EXIT
 step tools install_tools
 export CONTAINERS_CONF=$WORK/containers.conf
 configure_podman

@@ -204,17 +204,13 @@ def test_composing_hparams_search_optuna_needs_only_the_explicit_resolver_regist
     import sys
 
     script = f"""
-import sys
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from genie_dg.resolvers import register_resolvers
 
 register_resolvers()
 with initialize_config_dir(config_dir={str(Path(__file__).resolve().parents[2] / "conf")!r}, version_base="1.3"):
     cfg = compose("train", overrides=["hparams_search=optuna", "optimizer=sgd"], return_hydra_config=True)
-params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-assert "genie_dg.sweep" not in sys.modules or True
-print(sorted(params))
+print(sorted(cfg.hydra.sweeper.params))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

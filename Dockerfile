@@ -32,13 +32,15 @@ RUN apt-get update \
     && python -m venv /opt/venv \
     && pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 --index-url "${TORCH_INDEX_URL}"
 
-# The other dependencies get a layer of their own, so that editing src/ does not reinstall them;
-# the package itself is then built from a throwaway copy of the sources.
+# The other dependencies get a layer of their own, so that editing src/ or README.md does not
+# reinstall them; the package itself is then built from a throwaway copy of the sources (its
+# metadata reads README.md).
 WORKDIR /tmp/genie-dg
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
+COPY README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf /tmp/genie-dg \

@@ -38,7 +38,6 @@ class CorruptImageError(UserInputError):
         super().__init__(message)
 
 
-
 def read_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully as an RGB image; a file that does not decode raises naming it."""
     try:
@@ -188,14 +187,18 @@ def scan_image_tree(
     name: str,
     domains: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
+    class_aliases: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ImageTree:
     """List the images of ``root/<domain>/<class>/`` and check the layout against a config.
 
     ``domains`` and ``classes`` (a dataset config lists them) fix names and order; ``None``
     discovers them: every visible sub-folder is a domain, and the classes are the sorted union
-    of the class folders that hold an image. A configured domain that is missing, a domain
-    without images, or a class folder outside the configured classes is a
-    :class:`UserInputError`; hidden and non-image entries are collected in ``ignored``.
+    of the class folders that hold an image. ``class_aliases[domain][folder]`` names the class of
+    a folder that a domain names its own way (VLCS's ``auto`` for ``car``...). A configured domain
+    that is missing, a domain without images, a class folder outside the configured classes, or
+    discovered classes that some domain shares with no other (the domains name their classes
+    differently: the label set would be wrong) is a :class:`UserInputError`; hidden and non-image
+    entries are collected in ``ignored``.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -207,7 +210,7 @@ def scan_image_tree(
     ignored: list[str] = []
     skipped_links: list[str] = []
     domain_names = _domain_folders(root, name, domains, ignored, skipped_links)
-
+    aliases = _checked_aliases(root, name, domain_names, class_aliases)
     files: dict[str, dict[str, list[Path]]] = {}
     for domain in domain_names:
         per_class: dict[str, list[Path]] = {}
@@ -215,7 +218,8 @@ def scan_image_tree(
             if entry.is_symlink() and (why := unfollowed_link(entry, root)):
                 skipped_links.append(why)
             elif entry.is_dir() and not _is_hidden(entry.name):
-                per_class[entry.name] = _class_images(entry, root, ignored, skipped_links)
+                cls = aliases.get(domain, {}).get(entry.name, entry.name)
+                per_class.setdefault(cls, []).extend(_class_images(entry, root, ignored, skipped_links))
             else:
                 ignored.append(f"{domain}/{entry.name}" + ("/" if entry.is_dir() else ""))
         if classes is not None:
@@ -223,7 +227,9 @@ def scan_image_tree(
             if unknown:
                 raise UserInputError(
                     f"{name}: class folder(s) {unknown} in {root / domain} are not among the "
-                    f"{len(classes)} classes of the dataset config ({', '.join(classes)})"
+                    f"{len(classes)} classes of the dataset config ({', '.join(classes)}); where a domain "
+                    f"names a class its own way, map it: dataset.dataset.class_aliases="
+                    f"{{{domain}: {{{unknown[0]}: <class>}}}}"
                 )
         if not any(per_class.values()):
             raise UserInputError(
@@ -238,7 +244,50 @@ def scan_image_tree(
         class_names = sorted({c for per_class in files.values() for c, images in per_class.items() if images})
     for domain, per_class in files.items():
         ignored.extend(f"{domain}/{c}/" for c, images in per_class.items() if not images and c not in class_names)
-    return ImageTree(root, domain_names, class_names, files, ignored, skipped_links)
+    tree = ImageTree(root, domain_names, class_names, files, ignored, skipped_links)
+    if classes is None:
+        _refuse_disjoint_label_sets(tree, name)
+    return tree
+
+
+def _checked_aliases(
+    root: Path, name: str, domains: Sequence[str], class_aliases: Mapping[str, Mapping[str, str]] | None
+) -> dict[str, dict[str, str]]:
+    """``class_aliases`` as plain dicts, every domain and folder it names checked to exist."""
+    aliases = {str(d): {str(f): str(c) for f, c in (m or {}).items()} for d, m in (class_aliases or {}).items()}
+    for domain, folders in aliases.items():
+        if domain not in domains:
+            raise UserInputError(
+                f"{name}: dataset.dataset.class_aliases names domain '{domain}', which is not one of {list(domains)}"
+            )
+        missing = sorted(f for f in folders if not (root / domain / f).is_dir())
+        if missing:
+            raise UserInputError(
+                f"{name}: dataset.dataset.class_aliases maps folder(s) {missing} that {root / domain} does not hold"
+            )
+    return aliases
+
+
+def _refuse_disjoint_label_sets(tree: ImageTree, name: str) -> None:
+    """Discovered classes: a domain that shares no class with any other names its classes its own
+    way, and training would silently learn a wrong label set; refuse it."""
+    present = {d: {c for c, images in tree.files[d].items() if images} for d in tree.domains}
+    if len(tree.domains) < 2:
+        return
+    alone = [d for d in tree.domains if not present[d] & set().union(*(present[o] for o in tree.domains if o != d))]
+    if alone:
+        shown = "; ".join(f"{d}: {', '.join(sorted(present[d]))}" for d in alone)
+        raise UserInputError(
+            f"{name}: domain(s) {alone} share no class folder with any other domain ({shown}); the domains "
+            "name their classes differently. Map folder names to classes with "
+            "dataset.dataset.class_aliases={<domain>: {<folder>: <class>}}, or list dataset.dataset.classes"
+        )
+
+
+def lacking_classes(tree: ImageTree) -> dict[str, list[str]]:
+    """The classes each domain has no image of (only domains that lack some)."""
+    lacking = {d: [c for c in tree.classes if not tree.files[d].get(c)] for d in tree.domains}
+    return {d: missing for d, missing in lacking.items() if missing}
 
 
 def find_unreadable(paths: Sequence[Path]) -> dict[Path, str]:
@@ -288,6 +337,7 @@ def domain_image_folder(
     image_size: int = 224,
     augment: bool = True,
     skip_corrupt: bool = False,
+    class_aliases: Mapping[str, Mapping[str, str]] | None = None,
 ) -> MultiDomainDataset:
     """Read ``root/<domain>/<class>/*`` (see :func:`scan_image_tree`) as a multi-domain dataset.
 
@@ -295,6 +345,7 @@ def domain_image_folder(
     per-class counts) only warns on a difference; ``genie-dg verify-data`` is the strict check.
     A corrupt image raises :class:`CorruptImageError` when it is read, unless ``skip_corrupt``:
     then every image is decoded once here and the unreadable ones are left out and logged.
+    ``class_aliases``: see :func:`scan_image_tree`. The classes a domain lacks are logged.
     """
     if root is None:
         raise UserInputError(
@@ -302,8 +353,13 @@ def domain_image_folder(
             "e.g. dataset.dataset.root=/path/to/my_dataset"
         )
     name = name or Path(root).name
-    tree = scan_image_tree(root, name, domains, classes)
+    tree = scan_image_tree(root, name, domains, classes, class_aliases)
     tree.warn_ignored(name)
+    for domain, missing in lacking_classes(tree).items():
+        log.warning(
+            "%s: domain '%s' has no image of %d of the %d classes: %s", name, domain, len(missing), len(tree.classes),
+            ", ".join(missing),
+        )
     label = {c: i for i, c in enumerate(tree.classes)}
     samples = {
         d: [(f, label[c]) for c, images in tree.files[d].items() if c in label for f in images] for d in tree.domains

@@ -65,8 +65,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(args.numel, generator=generator) * 10
     out = torch.empty_like(x)
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {args.numel:,} float32 values, median of {args.repeats}")
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {args.numel:,} float32 values, median of {args.repeats}"
+    )
     print("| function | median ms | x eager torch.tanh |")
     print("|---|---|---|")
     baseline = None

@@ -38,7 +38,6 @@ import platform
 import statistics
 import time
 import traceback
-
 from pathlib import Path
 
 import torch
@@ -195,7 +194,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18"], help="timm model names (e.g. resnet18 resnet50)")
     ap.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (includes compilation)")
-    ap.add_argument("--no-compile", action="store_true", help="skip GENIE(compiled=True) (its first step compiles: 80 s for resnet18 here with a cold inductor cache)")
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip GENIE(compiled=True) (its first step compiles: 80 s for resnet18 here with a cold inductor cache)",
+    )
     ap.add_argument("--device", default="cpu", help="device of the step-only table's parameters (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument(
@@ -294,9 +297,13 @@ def print_end_to_end_table(args) -> None:
     for name in args.e2e_optimizers:
         ms, update_ms, passes = time_end_to_end(name, args)
         rows.append((name, ms, update_ms, passes))
-        print(f"  end to end: {name}: {ms:.0f} ms ({update_ms:.0f} ms outside the closure), {passes} passes", flush=True)
+        print(
+            f"  end to end: {name}: {ms:.0f} ms ({update_ms:.0f} ms outside the closure), {passes} passes", flush=True
+        )
     print()
-    print("| optimizer (config) | median ms/step | x adam | ms outside forward/backward | share of the step | passes per step |")
+    print(
+        "| optimizer (config) | median ms/step | x adam | ms outside forward/backward | share of the step | passes per step |"
+    )
     print("|---|---|---|---|---|---|")
     reference = next((ms for name, ms, _, _ in rows if name == "adam"), float("nan"))
     for name, ms, update_ms, passes in rows:

@@ -58,7 +58,9 @@ DOMAINBED_ERM = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="run every part on the CPU, shrunk to about a minute")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default logs/gpu_check/<UTC time>)")
     parser.add_argument(
@@ -73,7 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--targets", nargs="+", default=None, choices=TARGET_ORDER, help="DomainBed targets, in order (default: all)"
     )
-    parser.add_argument("--skip", nargs="+", default=(), choices=("resnet50", "ddp", "domainbed"), help="parts to leave out")
+    parser.add_argument(
+        "--skip", nargs="+", default=(), choices=("resnet50", "ddp", "domainbed"), help="parts to leave out"
+    )
     args = parser.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = float("inf") if args.tiny else 420.0
@@ -350,7 +354,9 @@ def domainbed_protocol(check: Check) -> None:
                 row = domainbed_run(check, target, optimizer, compiled=False)
             check.report["domainbed"].append(row)
             check.save()
-            print(f"   {target} {optimizer}: target {100 * row['target_acc']:.1f}% in {row['wall_s']:.0f} s", flush=True)
+            print(
+                f"   {target} {optimizer}: target {100 * row['target_acc']:.1f}% in {row['wall_s']:.0f} s", flush=True
+            )
         pair_seconds.append(time.perf_counter() - begin)
 
 
@@ -395,7 +401,10 @@ def text_report(report: dict[str, Any]) -> str:
     ddp = report["ddp"]
     if ddp is not None:
         accuracy = f", target accuracy {100 * ddp['target_acc']:.1f}%" if "target_acc" in ddp else ""
-        lines += ["", f"One-device DDP run (GENIE, bf16-mixed): exit {ddp['returncode']}, {ddp['wall_s']:.0f} s{accuracy}"]
+        lines += [
+            "",
+            f"One-device DDP run (GENIE, bf16-mixed): exit {ddp['returncode']}, {ddp['wall_s']:.0f} s{accuracy}",
+        ]
     for failure in report["failed_parts"]:
         lines.append(f"FAILED {failure['part']}: {failure['error']}")
     return "\n".join(lines).rstrip() + "\n"

@@ -20,11 +20,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 register_resolvers()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Long tests (fault injection...) can be left out of a fast tier with -m "not slow".
-    config.addinivalue_line("markers", "slow: a long test (seconds to minutes), e.g. fault injection")
-
-
 # Overrides that shrink a run to seconds on a CPU: CSV logging only, tiny batches and network.
 SMALL_RUN = (
     "logger=csv",
@@ -76,3 +71,14 @@ def short_run_config(make_config, small_run) -> Callable[..., DictConfig]:
         )
 
     return make
+
+
+# Fixtures that mean a test trains through Lightning (seconds to minutes on 2 cores each).
+TRAINING_FIXTURES = {"short_run_config", "small_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that trains a run is ``slow``: ``make test-fast`` leaves it out."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -111,8 +111,9 @@ def test_fetch_weights_of_a_config_that_trains_from_scratch_says_so(capsys):
 
 
 def test_fetch_weights_reads_the_backbone_a_config_fine_tunes(tmp_path, monkeypatch, capsys):
-    from genie_dg.cli import main
     from huggingface_hub import constants
+
+    from genie_dg.cli import main
 
     monkeypatch.setenv("GENIE_DG_WEIGHTS", str(tmp_path / "cache"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
@@ -148,7 +149,9 @@ def test_a_file_that_is_not_weights_is_refused_in_one_line_without_unsafe_advice
 def test_weights_of_another_network_are_refused_naming_the_tensor(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(path))
-    with pytest.raises(UserInputError, match=r"6 tensor\(s\) of the model missing and 95 of another shape \(layer1.0.downsample"):
+    with pytest.raises(
+        UserInputError, match=r"6 tensor\(s\) of the model missing and 95 of another shape \(layer1.0.downsample"
+    ):
         create_backbone("resnet18", weights=str(path), **NARROW)
     with pytest.raises(UserInputError, match="120 tensors for the 126 of ResNet"):
         create_backbone("resnet18", weights=str(path), weights_keys="in_order", **NARROW)

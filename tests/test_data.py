@@ -42,7 +42,9 @@ def test_each_domain_is_its_share_of_the_shuffled_digits_rotated_by_its_angle(ro
     order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
     share = images[order][2::6]
     assert torch.equal(rotated.domains[2].tensors[1], torch.from_numpy(labels)[order][2::6].long())
-    assert torch.allclose(rotated.domains[2].tensors[0], TF.rotate(share, 30.0, TF.InterpolationMode.BILINEAR, fill=0.0))
+    assert torch.allclose(
+        rotated.domains[2].tensors[0], TF.rotate(share, 30.0, TF.InterpolationMode.BILINEAR, fill=0.0)
+    )
     assert torch.equal(rotated.domains[0].tensors[0], images[order][0::6])
 
 

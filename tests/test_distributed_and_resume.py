@@ -13,6 +13,8 @@ import torch
 
 from genie_dg.pipeline import build
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 RESUMABLE = ("trainer.val_check_interval=3", "trainer.deterministic=true")
 
@@ -32,9 +34,7 @@ def test_resumed_genie_run_ends_bitwise_equal_to_an_uninterrupted_one(small_run,
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 3 and state["optimizer_states"][0]["generator_states"]
-    resumed, trainer = _fit(
-        make_config, tmp_path / "resumed", "trainer.max_steps=6", ckpt_path=str(last)
-    )
+    resumed, trainer = _fit(make_config, tmp_path / "resumed", "trainer.max_steps=6", ckpt_path=str(last))
     assert trainer.global_step == 6
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

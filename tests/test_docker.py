@@ -16,10 +16,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]
@@ -266,7 +268,9 @@ def test_torch_pins_match_pyproject(name):
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_image_has_the_cxx_compiler_compiled_genie_needs(name):
     installs = " ".join(args for keyword, args in final_stage(name) if keyword == "RUN" and "apt-get install" in args)
-    assert re.search(r"(?<![\w-])g\+\+(?![\w-])", installs), f"{name}: optimizer.compiled=true needs g++ (inductor's CPU kernels)"
+    assert re.search(r"(?<![\w-])g\+\+(?![\w-])", installs), (
+        f"{name}: optimizer.compiled=true needs g++ (inductor's CPU kernels)"
+    )
 
 
 def test_cpu_image_takes_cpu_wheels():

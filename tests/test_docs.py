@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 # Two screens of a terminal or a browser: what a newcomer reads before the docs.
 FRONT_PAGE_MAX_LINES = 100
@@ -32,7 +34,17 @@ sys.exit(cli())
 
 def build_site(config: Path, site_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", OFFLINE_MKDOCS, "build", "--strict", "--config-file", str(config), "--site-dir", str(site_dir)],
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_MKDOCS,
+            "build",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--site-dir",
+            str(site_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -26,6 +26,7 @@ def table_rows(collected_csv: str) -> list[str]:
     for row in csv.DictReader(io.StringIO(collected_csv)):
         if row["column"] in TARGETS and row["mean"]:
             cells[row["optimizer"], row["column"]] = (float(row["mean"]), float(row["stderr"]), int(row["trials"]))
+
     def shown(cell: tuple[float, float, int] | None) -> str:
         return "X" if cell is None else f"{cell[0]:.1f} ± {cell[1]:.1f} ({cell[2]})"
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
@@ -25,7 +27,11 @@ def gpu_check():
 def test_tiny_check_runs_every_part_on_the_cpu(tmp_path):
     out = tmp_path / "check"
     finished = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())

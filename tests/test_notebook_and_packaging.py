@@ -3,9 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from genie_dg.pipeline import train
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,4 +22,3 @@ def test_metrics_notebook_runs_on_a_finished_run(make_config, small_run, monkeyp
     table = notebook.cells[2].outputs[0]["data"]["text/plain"]
     assert "val/rot0/acc" in table and "val/rot15/acc" in table
     assert (run_dir / "domain_accuracy.png").stat().st_size > 1000
-

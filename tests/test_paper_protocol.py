@@ -159,4 +159,7 @@ def test_a_max_steps_the_interval_does_not_divide_still_validates_the_last_step(
     assert steps == [5, 7], "step 7 must be validated, hence selectable"
     assert summary["steps"] == 7
     record = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["backbone"]
-    assert record == {"weights": {"source": "random", "model": "resnet18", "path": None, "sha256": None}, "freeze_bn": False}
+    assert record == {
+        "weights": {"source": "random", "model": "resnet18", "path": None, "sha256": None},
+        "freeze_bn": False,
+    }

@@ -15,6 +15,8 @@ from nbclient import NotebookClient
 
 from genie_dg.results.collect import collect
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "results.ipynb"
 GOLDEN = ROOT / "tests" / "data" / "golden_sweep"

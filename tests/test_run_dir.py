@@ -16,6 +16,8 @@ from genie_dg.errors import UserInputError
 from genie_dg.pipeline import train
 from genie_dg.run_dir import DONE_MARKER, LAST_CHECKPOINT
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

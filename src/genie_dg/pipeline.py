@@ -201,7 +201,9 @@ def checked_optimizer(node: DictConfig) -> Any:
         raise
     except (ValueError, TypeError, NegativeLRError, NegativeStepError) as err:
         name = str(node.get("_target_", "optimizer")).rsplit(".", 1)[-1]
-        raise UserInputError(f"optimizer {name} refuses its arguments ({err}); fix the optimizer.<name> override") from None
+        raise UserInputError(
+            f"optimizer {name} refuses its arguments ({err}); fix the optimizer.<name> override"
+        ) from None
     return factory
 
 
@@ -266,4 +268,3 @@ def run_identity(cfg: DictConfig, datamodule: MultiDomainDataModule, model: DGMo
         hparams=searched_hparams(cfg),
         backbone=backbone_record(model),
     )
-

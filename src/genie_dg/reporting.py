@@ -170,9 +170,7 @@ def instantiate_logger(node: DictConfig, identity: RunIdentity, output_dir: Path
 
 def wandb_logs_model(cfg: DictConfig) -> bool:
     loggers = (cfg.get("logger") or {}).values()
-    return any(
-        c is not None and issubclass(get_class(c._target_), WandbLogger) and c.get("log_model") for c in loggers
-    )
+    return any(c is not None and issubclass(get_class(c._target_), WandbLogger) and c.get("log_model") for c in loggers)
 
 
 def report_to_wandb(logger: WandbLogger, summary: dict[str, Any], wants_model: bool) -> None:

@@ -33,9 +33,7 @@ class ManualModule:
     :class:`StepContext` its ``manual_step`` gets (the network, the optimizers, plain
     ``loss.backward()``); ``steps`` counts the optimizer steps."""
 
-    def __init__(
-        self, network: nn.Module, optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer]
-    ) -> None:
+    def __init__(self, network: nn.Module, optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer]) -> None:
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         self.network = network
         self.context = StepContext(network, optimizers, torch.Tensor.backward)

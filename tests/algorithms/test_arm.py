@@ -46,8 +46,9 @@ def test_training_loss_appends_each_domains_mean_context():
     torch.manual_seed(2)
     loss = algorithm.training_loss(net, batches).loss
     context = algorithm.context_net(x)
-    per_domain = torch.cat([context[:4].mean(0, keepdim=True).repeat(4, 1, 1, 1),
-                            context[4:].mean(0, keepdim=True).repeat(4, 1, 1, 1)])
+    per_domain = torch.cat(
+        [context[:4].mean(0, keepdim=True).repeat(4, 1, 1, 1), context[4:].mean(0, keepdim=True).repeat(4, 1, 1, 1)]
+    )
     expected = F.cross_entropy(net(torch.cat([x, per_domain], dim=1)), y)
     assert torch.allclose(loss, expected, atol=1e-6)
 

@@ -13,7 +13,6 @@ from genie_dg.algorithms.dann import CDANN, DANN, class_balanced_cross_entropy, 
 from genie_dg.errors import UserInputError
 from genie_dg.pipeline import build
 
-
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 
 

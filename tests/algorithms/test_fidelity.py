@@ -21,9 +21,9 @@ from genie_dg.algorithms.fishr import Fishr
 from genie_dg.algorithms.irm import IRM
 from genie_dg.algorithms.miro import MIRO
 from genie_dg.algorithms.mixstyle import MixStyle
-from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 from genie_dg.algorithms.vrex import VREx
 from genie_dg.models import Classifier, create_backbone
+from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "algorithm"
 

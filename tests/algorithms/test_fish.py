@@ -41,9 +41,7 @@ def test_fish_with_plain_sgd_moves_meta_lr_of_the_way_to_the_inner_loops_weights
     assert torch.allclose(network.head.bias, b + meta_lr * (inner_b - b), atol=1e-6)
 
 
-def test_fish_outer_optimizer_has_no_weight_decay_and_the_inner_one_keeps_it(
-    make_network, make_batches, make_fish
-):
+def test_fish_outer_optimizer_has_no_weight_decay_and_the_inner_one_keeps_it(make_network, make_batches, make_fish):
     network = make_network()
     fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01))
     assert module.context.optimizer.param_groups[0]["weight_decay"] == 0.0
@@ -71,9 +69,7 @@ def test_fish_inner_optimizer_keeps_its_state_across_steps_and_through_a_checkpo
     assert [int(s["step"]) for s in resumed_inner.state.values()] == [9, 9]
 
 
-def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters(
-    make_network, make_batches, make_fish
-):
+def test_fish_moves_float_buffers_meta_lr_of_the_way_and_copies_counters(make_network, make_batches, make_fish):
     bn = nn.BatchNorm1d(3)
     network, batches = make_network(featurizer=bn), make_batches()
     fish, module = make_fish(network, functools.partial(torch.optim.SGD, lr=0.1), meta_lr=0.5)
@@ -109,9 +105,7 @@ def test_fish_refuses_a_single_training_domain_unless_allowed(make_network, make
 
 
 @pytest.mark.parametrize("optimizer", ["genie", "adam"])
-def test_fish_trains_with_each_optimizer_and_checkpoints_its_inner_optimizer(
-    train_algorithm, saved_state, optimizer
-):
+def test_fish_trains_with_each_optimizer_and_checkpoints_its_inner_optimizer(train_algorithm, saved_state, optimizer):
     model, trainer = train_algorithm("fish", optimizer)
     inner_state = saved_state(trainer)["algorithm._extra_state"]["inner_optimizer"]["state"]
     # Three training steps over five training domains.

@@ -13,9 +13,7 @@ from genie_dg.errors import UserInputError
 
 def _batches(num_domains: int = 2, size: int = 6) -> list[DomainBatch]:
     torch.manual_seed(1)
-    return [
-        DomainBatch(torch.randn(size, 3) * (d + 1), torch.randint(0, 3, (size,)), d) for d in range(num_domains)
-    ]
+    return [DomainBatch(torch.randn(size, 3) * (d + 1), torch.randint(0, 3, (size,)), d) for d in range(num_domains)]
 
 
 def _autograd_scale_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

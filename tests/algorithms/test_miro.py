@@ -131,7 +131,10 @@ def test_single_training_domain_is_enough():
 def test_miro_trains_with_each_optimizer_and_checkpoints_oracle_and_encoders(train_algorithm, saved_state, optimizer):
     model, trainer = train_algorithm("miro", optimizer)
     state = saved_state(trainer)
-    for prefix, module in [("oracle", model.algorithm.oracle), ("variance_encoders", model.algorithm.variance_encoders)]:
+    for prefix, module in [
+        ("oracle", model.algorithm.oracle),
+        ("variance_encoders", model.algorithm.variance_encoders),
+    ]:
         for key, tensor in module.state_dict().items():
             assert torch.equal(state[f"algorithm.{prefix}.{key}"], tensor.cpu())
     assert "algorithm.variance_encoders.4.raw_variance" in state

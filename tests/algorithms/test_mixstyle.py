@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from genie_dg.algorithms import DomainBatch
 from genie_dg.algorithms.mixstyle import MixStyle, mix_styles
-from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 from genie_dg.errors import UserInputError
 from genie_dg.models import Classifier, create_backbone
+from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 
 
 def _network() -> Classifier:
@@ -106,4 +106,6 @@ def test_mixstyle_trains_with_each_optimizer_and_keeps_plain_network_keys(train_
     assert {k for k in state if k.startswith("algorithm.")} == {"algorithm.update_count"}
     plain_keys = {f"network.{k}" for k in _network().state_dict()}
     assert {k for k in state if k.startswith("network.")} == plain_keys
-    assert torch.equal(state["network.featurizer.layer1.0.conv1.weight"], model.network.featurizer.layer1[0].conv1.weight)
+    assert torch.equal(
+        state["network.featurizer.layer1.0.conv1.weight"], model.network.featurizer.layer1[0].conv1.weight
+    )

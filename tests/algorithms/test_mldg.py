@@ -60,9 +60,7 @@ def test_mldg_step_applies_meta_train_plus_beta_meta_test_gradient(
     assert torch.allclose(out.loss, (loss_i + beta * loss_j) / 2, atol=1e-6)
 
 
-def test_mldg_copies_the_batch_norm_statistics_the_inner_network_gathers(
-    make_network, make_batches, manual_module
-):
+def test_mldg_copies_the_batch_norm_statistics_the_inner_network_gathers(make_network, make_batches, manual_module):
     bn = nn.BatchNorm1d(3)
     network, batches = make_network(featurizer=bn), make_batches(n_domains=3)
     mldg = MLDG(2, 3, 3, n_meta_test=1)

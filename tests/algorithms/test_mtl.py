@@ -105,9 +105,7 @@ def test_mtl_trains_with_each_optimizer_and_checkpoints_embeddings(train_algorit
 
 
 def test_config_defaults_are_domainbeds(make_config):
-    mtl = instantiate_or_explain(make_config("algorithm=mtl").algorithm)(
-        num_classes=2, num_domains=3, num_features=2
-    )
+    mtl = instantiate_or_explain(make_config("algorithm=mtl").algorithm)(num_classes=2, num_domains=3, num_features=2)
     assert isinstance(mtl, MTL)
     assert mtl.mtl_ema == 0.99
     assert torch.equal(mtl.embeddings, torch.zeros(3, 2))

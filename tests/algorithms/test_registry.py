@@ -20,7 +20,8 @@ CONFIGS = sorted(CONF.glob("*.yaml"))
 
 def test_every_exported_method_has_one_config():
     exported = {
-        name for name in algorithms.__all__
+        name
+        for name in algorithms.__all__
         if isinstance(getattr(algorithms, name), type) and issubclass(getattr(algorithms, name), DGAlgorithm)
     } - {"DGAlgorithm"}
     targets = [OmegaConf.load(path)._target_.rsplit(".", 1)[1] for path in CONFIGS]
@@ -46,4 +47,4 @@ def test_step_context_names_its_one_optimizer_and_refuses_to_guess_among_several
     assert StepContext(network, [adam], torch.Tensor.backward).optimizer is adam
     pair = StepContext(network, [adam, torch.optim.SGD(network.parameters(), lr=0.1)], torch.Tensor.backward)
     with pytest.raises(ValueError, match="2 optimizers, not one"):
-        pair.optimizer
+        pair.optimizer  # noqa: B018 (the property raises)

@@ -111,9 +111,7 @@ def test_drop_factors_outside_the_unit_interval_are_rejected(name, value):
 
 
 def test_config_defaults_are_domainbeds(make_config):
-    rsc = instantiate_or_explain(make_config("algorithm=rsc").algorithm)(
-        num_classes=2, num_domains=2, num_features=3
-    )
+    rsc = instantiate_or_explain(make_config("algorithm=rsc").algorithm)(num_classes=2, num_domains=2, num_features=3)
     assert isinstance(rsc, RSC)
     assert rsc.rsc_f_drop_factor == pytest.approx(1 / 3)
     assert rsc.rsc_b_drop_factor == pytest.approx(1 / 3)

@@ -125,9 +125,7 @@ def test_config_defaults_are_domainbeds(make_config):
 
 
 @pytest.mark.parametrize("optimizer", ["genie", "adam"])
-def test_sagnet_trains_one_step_per_batch_and_checkpoints_the_style_head(
-    train_algorithm, saved_state, optimizer
-):
+def test_sagnet_trains_one_step_per_batch_and_checkpoints_the_style_head(train_algorithm, saved_state, optimizer):
     model, trainer = train_algorithm("sagnet", optimizer)
     assert len(trainer.optimizers) == 1
     state = saved_state(trainer)

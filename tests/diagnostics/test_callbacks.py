@@ -101,9 +101,13 @@ def test_umap_without_umap_learn_names_the_fix(monkeypatch):
 
 def test_figures_go_to_the_run_directory_and_to_wandb_as_images(tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None: logged.append((key, images, step)))
+    monkeypatch.setattr(
+        WandbLogger, "log_image", lambda self, key, images, step=None: logged.append((key, images, step))
+    )
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])
-    path = save_figure(figure, tmp_path / "diagnostics" / "curve.png", [WandbLogger(save_dir=str(tmp_path), offline=True)], 7)
+    path = save_figure(
+        figure, tmp_path / "diagnostics" / "curve.png", [WandbLogger(save_dir=str(tmp_path), offline=True)], 7
+    )
     assert path.stat().st_size > 0
     assert logged == [("diagnostics/curve", [str(path)], 7)]

@@ -178,7 +178,9 @@ def test_micro_batch_gradients_with_batchnorm_match_autograd_and_leave_the_runni
 def test_gradient_statistics_needs_two_units():
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="at least 2"):
-        gradient_statistics(model, dict(model.named_parameters()), torch.randn(3, 2), torch.randn(3, 1), samples_per_unit=2)
+        gradient_statistics(
+            model, dict(model.named_parameters()), torch.randn(3, 2), torch.randn(3, 1), samples_per_unit=2
+        )
 
 
 def test_preconditioners_of_sgd_adam_and_genie():

@@ -51,15 +51,40 @@ def ref_direction(m, s, t, beta, eps, variant, preconditioning):
 class RefGENIE:
     """Reference optimizer on lists of Python floats (float64)."""
 
-    def __init__(self, values, *, lr=0.015, beta=0.95, p=0.4, eps=1e-8, variant="reference",
-                 preconditioning=True, noise=True, mask=True, noise_std=1e-3, weight_decay=0.0,
-                 decoupled=False, seed=0):
+    def __init__(
+        self,
+        values,
+        *,
+        lr=0.015,
+        beta=0.95,
+        p=0.4,
+        eps=1e-8,
+        variant="reference",
+        preconditioning=True,
+        noise=True,
+        mask=True,
+        noise_std=1e-3,
+        weight_decay=0.0,
+        decoupled=False,
+        seed=0,
+    ):
         self.theta = [list(v) for v in values]
         self.m = [[0.0] * len(v) for v in values]
         self.s = [[0.0] * len(v) for v in values]
         self.t = 0
-        self.hp = dict(lr=lr, beta=beta, p=p, eps=eps, variant=variant, preconditioning=preconditioning,
-                       noise=noise, mask=mask, noise_std=noise_std, wd=weight_decay, decoupled=decoupled)
+        self.hp = dict(
+            lr=lr,
+            beta=beta,
+            p=p,
+            eps=eps,
+            variant=variant,
+            preconditioning=preconditioning,
+            noise=noise,
+            mask=mask,
+            noise_std=noise_std,
+            wd=weight_decay,
+            decoupled=decoupled,
+        )
         self.gen = torch.Generator().manual_seed(seed)
 
     def step(self, grads):
@@ -104,4 +129,3 @@ def pair(**kw):
     a = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
     b = [x.detach().clone().requires_grad_(True) for x in a]
     return a, b
-

@@ -147,9 +147,7 @@ def test_closure_optimizers_are_refused_under_manual_optimization(short_run_conf
 
 
 @pytest.mark.parametrize("name", ["sam", "adahessian"])
-def test_fp16_mixed_precision_is_refused_for_closure_and_second_order_optimizers(
-    short_run_config, monkeypatch, name
-):
+def test_fp16_mixed_precision_is_refused_for_closure_and_second_order_optimizers(short_run_config, monkeypatch, name):
     datamodule, model, trainer = _fit(short_run_config, name, steps=1)
     # 16-mixed needs a GPU; the refusal only reads the precision Lightning reports.
     monkeypatch.setattr(type(trainer), "precision", property(lambda self: "16-mixed"))

@@ -8,10 +8,11 @@ import warnings
 
 import pytest
 import torch
+from genie_reference import RefGENIE, grads_sequence, pair, ref_direction, run_steps
 from torch import nn
 
 from genie_dg.optim import GENIE
-from genie_reference import RefGENIE, grads_sequence, pair, ref_direction, run_steps
+
 
 # ---------------------------------------------------------------------------
 # hand-computed steps
@@ -40,8 +41,9 @@ def test_matches_line_by_line_reference(variant, switches, beta, eps, foreach):
         [[2.5, 1.2, -2.0, -0.4], [1.0, 0.0, -1.0, 0.0]],
         [[0.0, -0.3, 0.6, 1.0], [-2.0, 1.5, 2.0, 0.0]],
     ]
-    hp = dict(lr=0.1, beta=beta, p=0.3, eps=eps, variant=variant, preconditioning=pre, noise=noise,
-              mask=mask, noise_std=0.05)
+    hp = dict(
+        lr=0.1, beta=beta, p=0.3, eps=eps, variant=variant, preconditioning=pre, noise=noise, mask=mask, noise_std=0.05
+    )
     ref = RefGENIE(init, seed=7, **hp)
     params = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in init]
     opt = GENIE(params, seed=7, foreach=foreach, **hp)
@@ -51,8 +53,9 @@ def test_matches_line_by_line_reference(variant, switches, beta, eps, foreach):
             p.grad = torch.tensor(gg, dtype=torch.float64)
         opt.step()
         for p, want, m, s in zip(params, ref.theta, ref.m, ref.s):
-            torch.testing.assert_close(p.detach(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14,
-                                       msg=f"theta at t={t}")
+            torch.testing.assert_close(
+                p.detach(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14, msg=f"theta at t={t}"
+            )
             torch.testing.assert_close(opt.state[p]["m"], torch.tensor(m, dtype=torch.float64), rtol=1e-13, atol=0)
             torch.testing.assert_close(opt.state[p]["s"], torch.tensor(s, dtype=torch.float64), rtol=1e-13, atol=0)
             assert float(opt.state[p]["step"]) == t
@@ -206,8 +209,16 @@ def test_weight_decay_forms(decoupled):
     p = torch.randn(5, dtype=torch.float64, requires_grad=True)
     theta = p.detach().clone()
     lr, wd, beta = 0.1, 0.3, 0.9
-    opt = GENIE([p], lr=lr, beta=beta, weight_decay=wd, decoupled_weight_decay=decoupled,
-                preconditioning=False, noise=False, mask=False)
+    opt = GENIE(
+        [p],
+        lr=lr,
+        beta=beta,
+        weight_decay=wd,
+        decoupled_weight_decay=decoupled,
+        preconditioning=False,
+        noise=False,
+        mask=False,
+    )
     m = torch.zeros_like(theta)
     for t, grads in enumerate(grads_sequence([(5,)], 3, seed=1), start=1):
         g = grads[0]
@@ -408,5 +419,3 @@ def test_error_message_states_range():
 def test_seed_none_uses_initial_seed():
     torch.manual_seed(1234)
     assert GENIE([torch.zeros(1, requires_grad=True)]).seed == 1234
-
-

@@ -16,6 +16,8 @@ from genie_dg.optim import GENIE
 from genie_dg.optim.genie.compiled import compiled_mask, hash_bits, mask_threshold
 from genie_dg.optim.genie.formulas import tanh_nonnegative
 
+pytestmark = pytest.mark.e2e
+
 SHAPES = [(8, 4), (16,), (3, 3, 2)]
 
 

@@ -127,6 +127,7 @@ def _batches(n: int, dtype=torch.float32):
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches) -> list[float]:
     losses = []
     for x, y in batches:
+
         def closure():
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)

@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
+from genie_reference import grads_sequence, pair, run_steps
 from torch import nn
 
 from genie_dg.optim import GENIE, register_timm
 from genie_dg.optim.genie.eager import CPU_CHUNK_NUMEL
-from genie_reference import grads_sequence, pair, run_steps
+
 
 # ---------------------------------------------------------------------------
 # implementations, state, reproducibility
@@ -21,14 +22,31 @@ from genie_reference import grads_sequence, pair, run_steps
 def _make_groups(dtype_mix=True):
     torch.manual_seed(0)
     shapes = [(4, 3), (7,), (2, 3, 2), (1,), (5, 5)]
-    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.bfloat16] if dtype_mix else [torch.float32] * 5
+    dtypes = (
+        [torch.float32, torch.float32, torch.float64, torch.float32, torch.bfloat16]
+        if dtype_mix
+        else [torch.float32] * 5
+    )
     params = [(torch.randn(sh) * 2).to(dt).requires_grad_(True) for sh, dt in zip(shapes, dtypes)]
     groups = [
         {"params": params[:2]},
-        {"params": params[2:4], "lr": 0.05, "beta": 0.8, "p": 0.2, "weight_decay": 0.01, "variant": "algorithm1",
-         "noise_std": 0.1},
-        {"params": params[4:], "lr": 0.2, "decoupled_weight_decay": True, "weight_decay": 0.1, "maximize": True,
-         "preconditioning": False},
+        {
+            "params": params[2:4],
+            "lr": 0.05,
+            "beta": 0.8,
+            "p": 0.2,
+            "weight_decay": 0.01,
+            "variant": "algorithm1",
+            "noise_std": 0.1,
+        },
+        {
+            "params": params[4:],
+            "lr": 0.2,
+            "decoupled_weight_decay": True,
+            "weight_decay": 0.1,
+            "maximize": True,
+            "preconditioning": False,
+        },
     ]
     return params, groups, shapes
 
@@ -113,8 +131,9 @@ def _train_with_checkpoint(params_groups, total, split, seed_grads, kw):
 @pytest.mark.parametrize("foreach", [True, False])
 def test_state_dict_round_trip_continues_bit_identically(foreach):
     _, groups, _ = _make_groups()
-    oa, pa, oc, pc = _train_with_checkpoint(groups, total=6, split=3, seed_grads=1,
-                                            kw={"foreach": foreach, "noise": True, "mask": True})
+    oa, pa, oc, pc = _train_with_checkpoint(
+        groups, total=6, split=3, seed_grads=1, kw={"foreach": foreach, "noise": True, "mask": True}
+    )
     _assert_same_state(oa, pa, oc, pc)
     bf16 = [p for p in pc if p.dtype == torch.bfloat16][0]
     assert oc.state[bf16]["m"].dtype == torch.float32

@@ -33,15 +33,11 @@ def make_record(
         hparams_seed=hparams_seed,
         seed=trial_seed,
     )
-    run_dir = (
-        f"{dataset}-{optimizer}-{algorithm}-{'+'.join(test)}-{'+'.join(train)}-t{trial_seed}-h{hparams_seed}"
-    )
+    run_dir = f"{dataset}-{optimizer}-{algorithm}-{'+'.join(test)}-{'+'.join(train)}-t{trial_seed}-h{hparams_seed}"
     return Record(identity, step, accuracy, run_dir)
 
 
-def lodo_record(
-    step: int, source_out: float, target_in: float, target_out: float | None = None, **kw
-) -> Record:
+def lodo_record(step: int, source_out: float, target_in: float, target_out: float | None = None, **kw) -> Record:
     """A run with target A (or ``test``): every training domain's held-out accuracy ``source_out``."""
     test = kw.pop("test", ("A",))
     domains = kw.get("domains", ("A", "B", "C"))

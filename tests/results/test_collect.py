@@ -79,9 +79,7 @@ def _write_sweep(root: Path, records) -> Path:
 
 
 def test_markdown_latex_and_csv_render_the_same_cells(tmp_path):
-    root = _write_sweep(
-        tmp_path / "sweep", [*_records(), lodo_record(1, 0.5, 0.5, test=("A",), dataset="my_set")]
-    )
+    root = _write_sweep(tmp_path / "sweep", [*_records(), lodo_record(1, 0.5, 0.5, test=("A",), dataset="my_set")])
     markdown = collect(root, "markdown", ["iid"])
     assert "## Model selection: training-domain validation set" in markdown
     assert "| GENIE | ERM | 85.0 ± 3.5 | 65.0 ± 3.5 | 40.0 ± 7.1 | 63.3 |" in markdown
@@ -90,17 +88,13 @@ def test_markdown_latex_and_csv_render_the_same_cells(tmp_path):
     assert "GENIE & ERM & 85.0 $\\pm$ 3.5 & 65.0 $\\pm$ 3.5 & 40.0 $\\pm$ 7.1 & 63.3 \\\\" in latex
     assert "\\textbf{my\\_set}" in latex and latex.rstrip().endswith("\\end{document}")
     rows = list(csv.DictReader(io.StringIO(collect(root, "csv", ["iid"]))))
-    cell = next(
-        r for r in rows if r["table"].startswith("toy") and r["optimizer"] == "GENIE" and r["column"] == "A"
-    )
+    cell = next(r for r in rows if r["table"].startswith("toy") and r["optimizer"] == "GENIE" and r["column"] == "A")
     assert (float(cell["mean"]), float(cell["stderr"]), cell["trials"]) == (
         85.0,
         pytest.approx(3.5355, abs=1e-3),
         "2",
     )
-    missing = next(
-        r for r in rows if r["table"].startswith("toy") and r["optimizer"] == "Adam" and r["column"] == "B"
-    )
+    missing = next(r for r in rows if r["table"].startswith("toy") and r["optimizer"] == "Adam" and r["column"] == "B")
     assert missing["mean"] == missing["stderr"] == ""
 
 
@@ -142,8 +136,7 @@ def test_golden_sweep_covers_every_selection_method_partial_rows_and_sdg():
         "oracle": "test-domain validation set (oracle)",
     }
     sections = {
-        key: text.split(f"## Model selection: {name}")[1].split("## Model selection")[0]
-        for key, name in names.items()
+        key: text.split(f"## Model selection: {name}")[1].split("## Model selection")[0] for key, name in names.items()
     }
     for key, section in sections.items():
         lodo = section.split("### colored_mnist (leave-one-domain-out")[1].split("###")[0]
@@ -151,9 +144,7 @@ def test_golden_sweep_covers_every_selection_method_partial_rows_and_sdg():
         assert genie.count("±") == 3 and "X" not in genie, f"{key}: GENIE + ERM has every target"
         adam = next(line for line in lodo.splitlines() if line.startswith("| Adam | ERM |"))
         # Adam + ERM has one run (target plus90): no pair runs, so nothing for leave-one-out.
-        expected = (
-            "| Adam | ERM | X | X | X | X |" if key == "loo" else "| Adam | ERM | 53.2 ± 0.0 | X | X | X |"
-        )
+        expected = "| Adam | ERM | X | X | X | X |" if key == "loo" else "| Adam | ERM | 53.2 ± 0.0 | X | X | X |"
         assert adam == expected, key
         assert ("### colored_mnist (single-domain generalization" in section) == (key != "loo")
 
@@ -172,9 +163,7 @@ def test_golden_sweep_records_are_what_runs_write():
     lines = [json.loads(line) for path in GOLDEN.rglob(RESULTS_FILE) for line in path.read_text().splitlines()]
     assert {line["step"] for line in lines} == {2, 4}
     pairs = [line for line in lines if len(line["test_domains"]) == 2]
-    assert pairs and all(
-        set(line["accuracy"][d]) == {"in", "out"} for line in pairs for d in line["test_domains"]
-    )
+    assert pairs and all(set(line["accuracy"][d]) == {"in", "out"} for line in pairs for d in line["test_domains"])
     # One draw per (hparams seed, trial seed): every target of a draw trains with the same values.
     draws = {}
     for line in lines:

@@ -146,10 +146,7 @@ def test_a_sweep_run_again_skips_finished_jobs_and_no_file_holds_the_api_key(tmp
     assert run.run_group == "my_sweep", "W&B group: the sweep directory's name"
     assert run.display_name == "rotated_mnist/ERM/Adam/test=rot0/seed0/hparams0"
     summary = {
-        u.key: json.loads(u.value_json)
-        for r in wandb_records
-        if r.HasField("summary")
-        for u in r.summary.update
+        u.key: json.loads(u.value_json) for r in wandb_records if r.HasField("summary") for u in r.summary.update
     }
     assert summary["target_acc"] == json.loads((job / "summary.json").read_text())["target_acc"]
     (artifact,) = [r.artifact for r in wandb_records if r.HasField("artifact")]

@@ -55,9 +55,7 @@ def test_each_distribution():
 def test_a_draw_depends_only_on_its_seeds_and_name(make_config):
     """Adding a hyper-parameter to a search, or changing the target domain, leaves the others' draws."""
     base = make_config("optimizer=adam", "hparams_seed=3", "trial_seed=1")
-    other_target = make_config(
-        "optimizer=adam", "hparams_seed=3", "trial_seed=1", "dataset.test_domains=[rot45]"
-    )
+    other_target = make_config("optimizer=adam", "hparams_seed=3", "trial_seed=1", "dataset.test_domains=[rot45]")
     extended = make_config("optimizer=adam", "hparams_seed=3", "trial_seed=1")
     with open_dict(extended):
         extended.optimizer.extra = 0.5
@@ -117,9 +115,7 @@ def test_optuna_space_translates_every_search_mapping(make_config):
 
 
 def _hydra_config(*overrides: str):
-    with initialize_config_dir(
-        config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"
-    ):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, hparam, pooled
-from genie_dg.models.timm_resnet import first_conv_in_channels, widen_first_conv
 from genie_dg.errors import UserInputError
+from genie_dg.models.timm_resnet import first_conv_in_channels, widen_first_conv
 
 
 def context_network(in_channels: int, hidden: int = 64, kernel_size: int = 5) -> nn.Sequential:

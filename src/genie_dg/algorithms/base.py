@@ -97,10 +97,7 @@ class DGAlgorithm(nn.Module):
         name = type(self).__name__
         self.penalty_active = num_domains >= self.min_domains
         if not self.penalty_active:
-            message = (
-                f"{name} needs at least {self.min_domains} training domains for its penalty but "
-                f"got {num_domains}"
-            )
+            message = f"{name} needs at least {self.min_domains} training domains for its penalty but got {num_domains}"
             if not allow_degenerate:
                 raise UserInputError(
                     f"{message}; train on more domains, use algorithm=erm, or set "
@@ -224,15 +221,9 @@ class FeatureMatching(DGAlgorithm):
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         features = [network.features(b.x) for b in batches]
-        classification = torch.stack(
-            [F.cross_entropy(network.head(f), b.y) for f, b in zip(features, batches)]
-        ).mean()
+        classification = torch.stack([F.cross_entropy(network.head(f), b.y) for f, b in zip(features, batches)]).mean()
         pairs = list(itertools.combinations(features, 2))
-        penalty = (
-            torch.stack([self.distance(a, b) for a, b in pairs]).mean()
-            if pairs
-            else classification.new_zeros(())
-        )
+        penalty = torch.stack([self.distance(a, b) for a, b in pairs]).mean() if pairs else classification.new_zeros(())
         return AlgorithmOutput(
             classification + self.mmd_gamma * penalty,
             {"classification_loss": classification.detach(), self.penalty_name: penalty.detach()},

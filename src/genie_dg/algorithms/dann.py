@@ -33,9 +33,7 @@ def discriminator_mlp(inputs: int, outputs: int, width: int, depth: int, dropout
     return nn.Sequential(*layers)
 
 
-def class_balanced_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor
-) -> torch.Tensor:
+def class_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed with weight ``1 / (n_c * C)`` per sample of class ``c``.
 
     ``C`` is the highest class label in the batch plus one, as DomainBed's ``F.one_hot(y)``
@@ -142,9 +140,7 @@ class AbstractDANN(DGAlgorithm):
         if self.conditional:
             self.class_embeddings = nn.Embedding(num_classes, num_features)
 
-    def configure_optimizers(
-        self, network: nn.Module, optimizer: OptimizerFactory
-    ) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self, network: nn.Module, optimizer: OptimizerFactory) -> list[torch.optim.Optimizer]:
         discriminator = self._optimizer(optimizer, self.parameters(), self.lr_d, self.weight_decay_d)
         generator = self._optimizer(optimizer, network.parameters(), self.lr_g, self.weight_decay_g)
         return [discriminator, generator]

@@ -36,17 +36,14 @@ class GroupDRO(DGAlgorithm):
         **base: Any,
     ) -> None:
         super().__init__(num_classes, num_domains, num_features, **base)
-        self.groupdro_eta = hparam(
-            groupdro_eta, "groupdro_eta", lambda v: v >= 0, "groupdro_eta >= 0", "GroupDRO"
-        )
+        self.groupdro_eta = hparam(groupdro_eta, "groupdro_eta", lambda v: v >= 0, "groupdro_eta >= 0", "GroupDRO")
         self.register_buffer("q", torch.full((num_domains,), 1.0 / num_domains))
         self._q_updated_at_step: int | None = None
 
     def training_loss(self, network: nn.Module, batches: list[DomainBatch]) -> AlgorithmOutput:
         if len(batches) != self.num_domains:
             raise ValueError(
-                f"GroupDRO keeps one weight per training domain ({self.num_domains}) "
-                f"but got {len(batches)} minibatches"
+                f"GroupDRO keeps one weight per training domain ({self.num_domains}) but got {len(batches)} minibatches"
             )
         risks = torch.stack([F.cross_entropy(network(b.x), b.y) for b in batches])
         step = int(self.update_count)
@@ -58,4 +55,3 @@ class GroupDRO(DGAlgorithm):
         metrics = {"classification_loss": risks.mean().detach(), "worst_domain_loss": risks.max().detach()}
         metrics.update({f"groupdro_q_domain{b.domain}": w for b, w in zip(batches, self.q.detach().clone())})
         return AlgorithmOutput(loss, metrics)
-

@@ -54,8 +54,7 @@ def batch_norm_modes_of(oracle: nn.Module, reference: nn.Module | None) -> Itera
     batch_statistics = [
         m
         for name, m in oracle.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and getattr(reference_modules.get(name), "training", False)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and getattr(reference_modules.get(name), "training", False)
     ]
     tracking = [m.track_running_stats for m in batch_statistics]
     oracle.eval()
@@ -129,9 +128,7 @@ class MIRO(DGAlgorithm):
         channels = first_conv_in_channels(self.oracle, "MIRO")
         size = self.input_shape[1:] if self.input_shape is not None else (64, 64)
         probe = torch.zeros(1, channels, *size, device=next(self.oracle.parameters()).device)
-        self.variance_encoders = nn.ModuleList(
-            VarianceEncoder(f.shape[1]) for f in self._oracle_features(probe, None)
-        )
+        self.variance_encoders = nn.ModuleList(VarianceEncoder(f.shape[1]) for f in self._oracle_features(probe, None))
 
     def _oracle_features(self, x: torch.Tensor, featurizer: nn.Module | None) -> list[torch.Tensor]:
         # Normalised as the trained featurizer is now, so the penalty compares like with like.

@@ -98,9 +98,7 @@ class MixStyle(DGAlgorithm):
         super().__init__(num_classes, num_domains, num_features, **base)
         owner = "MixStyle"
         self.mixstyle_p = hparam(mixstyle_p, "mixstyle_p", lambda v: 0 <= v <= 1, "0 <= mixstyle_p <= 1", owner)
-        self.mixstyle_alpha = hparam(
-            mixstyle_alpha, "mixstyle_alpha", lambda v: v > 0, "mixstyle_alpha > 0", owner
-        )
+        self.mixstyle_alpha = hparam(mixstyle_alpha, "mixstyle_alpha", lambda v: v > 0, "mixstyle_alpha > 0", owner)
         layers = list(mixstyle_layers)
         self.mixstyle_layers = hparam(
             layers,

@@ -24,9 +24,7 @@ from genie_dg.algorithms.base import (
 )
 
 
-def meta_train_test_pairs(
-    batches: list[DomainBatch], n_meta_test: int
-) -> list[tuple[DomainBatch, DomainBatch]]:
+def meta_train_test_pairs(batches: list[DomainBatch], n_meta_test: int) -> list[tuple[DomainBatch, DomainBatch]]:
     """DomainBed's ``split_meta_train_test``: a random permutation of the domains, the last
     ``n_meta_test`` are meta-test, each other domain is paired with one of them in turn; both
     minibatches of a pair are cut to the shorter one's length."""
@@ -96,9 +94,7 @@ class MLDG(DGAlgorithm):
         self.n_meta_test = hparam(
             n_meta_test,
             "n_meta_test",
-            lambda v: isinstance(v, int)
-            and not isinstance(v, bool)
-            and (1 <= v <= most or not self.penalty_active),
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and (1 <= v <= most or not self.penalty_active),
             f"an integer in [1, {most}]: at least one of the {num_domains} training domains must be meta-train",
             "MLDG",
         )
@@ -156,6 +152,4 @@ class MLDG(DGAlgorithm):
         meta_train = torch.stack(meta_train_losses)
         meta_test = torch.stack(meta_test_losses)
         objective = (meta_train.sum() + self.mldg_beta * meta_test.sum()) / len(batches)
-        return AlgorithmOutput(
-            objective, {"meta_train_loss": meta_train.mean(), "meta_test_loss": meta_test.mean()}
-        )
+        return AlgorithmOutput(objective, {"meta_train_loss": meta_train.mean(), "meta_test_loss": meta_test.mean()})

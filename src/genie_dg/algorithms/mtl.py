@@ -76,10 +76,7 @@ class MTL(DGAlgorithm):
         losses = []
         for index, batch in enumerate(batches):
             features = network.features(batch.x)
-            embedding = (
-                self.mtl_ema * features.mean(0)
-                + (1.0 - self.mtl_ema) * self._embeddings_at_step_start[index]
-            )
+            embedding = self.mtl_ema * features.mean(0) + (1.0 - self.mtl_ema) * self._embeddings_at_step_start[index]
             if first_evaluation:
                 self.embeddings[index] = embedding.detach()
             losses.append(F.cross_entropy(network.head(features, embedding), batch.y))

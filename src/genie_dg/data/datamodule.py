@@ -168,13 +168,10 @@ class MultiDomainDataModule(LightningDataModule):
                 "must stay null; choose the training domain with dataset.train_domains=[<domain>]"
             )
         if not 0.0 < holdout_fraction < 1.0:
-            raise UserInputError(
-                f"dataset.holdout_fraction={holdout_fraction}: it must lie strictly between 0 and 1"
-            )
+            raise UserInputError(f"dataset.holdout_fraction={holdout_fraction}: it must lie strictly between 0 and 1")
         if batch_size < 1 or eval_batch_size < 1:
             raise UserInputError(
-                f"dataset.batch_size={batch_size}, dataset.eval_batch_size={eval_batch_size}: "
-                "both must be at least 1"
+                f"dataset.batch_size={batch_size}, dataset.eval_batch_size={eval_batch_size}: both must be at least 1"
             )
         if num_workers < 0:
             raise UserInputError(f"dataset.num_workers={num_workers}: it must be 0 or more")

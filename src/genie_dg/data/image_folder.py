@@ -357,7 +357,11 @@ def domain_image_folder(
     tree.warn_ignored(name)
     for domain, missing in lacking_classes(tree).items():
         log.warning(
-            "%s: domain '%s' has no image of %d of the %d classes: %s", name, domain, len(missing), len(tree.classes),
+            "%s: domain '%s' has no image of %d of the %d classes: %s",
+            name,
+            domain,
+            len(missing),
+            len(tree.classes),
             ", ".join(missing),
         )
     label = {c: i for i, c in enumerate(tree.classes)}

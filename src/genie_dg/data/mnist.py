@@ -125,9 +125,7 @@ def resolve_source(source: str, download: bool) -> str:
     return "full" if download else source
 
 
-def load_digits(
-    data_dir: str | Path, download: bool, source: str = "bundled"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(data_dir: str | Path, download: bool, source: str = "bundled") -> tuple[torch.Tensor, torch.Tensor]:
     """Return uint8 images (N, 28, 28) and int64 labels (N,); callers must not modify them."""
     if resolve_source(source, download) == "bundled":
         return _bundled_digits()

@@ -40,9 +40,7 @@ class MultiDomainDataset:
 
     def __post_init__(self) -> None:
         if len(self.domain_names) != len(self.domains):
-            raise ValueError(
-                f"{self.name}: {len(self.domain_names)} domain names for {len(self.domains)} domains"
-            )
+            raise ValueError(f"{self.name}: {len(self.domain_names)} domain names for {len(self.domains)} domains")
         for name, domain in zip(self.domain_names, self.domains):
             if len(domain) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"{self.name}: domain '{name}' has no samples")

@@ -30,10 +30,7 @@ def rms_change(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Ten
     same amount equally large.
     """
     return torch.stack(
-        [
-            torch.linalg.vector_norm((after[name] - b).to(torch.float64)) / b.numel() ** 0.5
-            for name, b in before.items()
-        ]
+        [torch.linalg.vector_norm((after[name] - b).to(torch.float64)) / b.numel() ** 0.5 for name, b in before.items()]
     ).cpu()
 
 

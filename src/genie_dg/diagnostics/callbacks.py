@@ -60,10 +60,10 @@ def _eval_datasets(trainer: L.Trainer, owner: str) -> list[tuple[str, bool, Data
     """(name, is_target, unaugmented dataset) of every evaluation loader of the data module."""
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "eval_sets"):
-        raise UserInputError(
-            f"{owner} reads held-out domains from a MultiDomainDataModule; pass one to trainer.fit"
-        )
-    return [(s.name, s.is_target, loader.dataset) for s, loader in zip(datamodule.eval_sets, datamodule.val_dataloader())]
+        raise UserInputError(f"{owner} reads held-out domains from a MultiDomainDataModule; pass one to trainer.fit")
+    return [
+        (s.name, s.is_target, loader.dataset) for s, loader in zip(datamodule.eval_sets, datamodule.val_dataloader())
+    ]
 
 
 def _endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Tensor, ...]]:
@@ -140,7 +140,9 @@ class OSGRMonitor(Callback):
             if datasets:
                 self._heldout[role] = ConcatDataset(datasets)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         due = trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0
         # One DomainBatch per training domain: the step's whole batch, as the optimizer saw it.
         self._batch = (torch.cat([b.x for b in batch]), torch.cat([b.y for b in batch])) if due else None

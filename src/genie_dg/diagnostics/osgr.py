@@ -177,9 +177,7 @@ def gradient_statistics(
     """
     units = len(x) // samples_per_unit
     if units < 2:
-        raise ValueError(
-            f"{len(x)} samples make {units} unit(s) of {samples_per_unit}: a variance needs at least 2"
-        )
+        raise ValueError(f"{len(x)} samples make {units} unit(s) of {samples_per_unit}: a variance needs at least 2")
     xs = x[: units * samples_per_unit].reshape(units, samples_per_unit, *x.shape[1:])
     ys = y[: units * samples_per_unit].reshape(units, samples_per_unit, *y.shape[1:])
     trainable = {name: p.detach() for name, p in parameters.items()}
@@ -208,15 +206,17 @@ def gradient_statistics(
                     continue
                 delta = chunk_mean - mean[name]
                 mean[name] = mean[name] + delta * (size / total)
-                squared_deviations[name] = squared_deviations[name] + chunk_deviations + delta.square() * (
-                    count * size / total
+                squared_deviations[name] = (
+                    squared_deviations[name] + chunk_deviations + delta.square() * (count * size / total)
                 )
             count = total
     variance = {name: sd / (units - 1) for name, sd in squared_deviations.items()}
     return GradientStatistics(mean=mean, variance=variance, units=units)
 
 
-def preconditioners(optimizers: Iterable[Optimizer], parameters: Mapping[str, nn.Parameter]) -> dict[str, Tensor | None]:
+def preconditioners(
+    optimizers: Iterable[Optimizer], parameters: Mapping[str, nn.Parameter]
+) -> dict[str, Tensor | None]:
     """The factor ``p`` each optimizer applies per coordinate to its gradient estimate.
 
     ``None`` stands for p = 1 everywhere: SGD, any optimizer not listed here, and any

@@ -127,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("toy_landscape.png"), help="PNG file to write")
     parser.add_argument("--steps", type=int, default=STEPS, help="steps per optimizer (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the domain sequence and GENIE (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the domain sequence and GENIE (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     paths = optimization_paths(args.steps, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,8 +117,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserInputError(
-            f"{what}={path}: not a weights file (a safetensors or torch state dict of tensors): "
-            f"{reason[:160]}"
+            f"{what}={path}: not a weights file (a safetensors or torch state dict of tensors): {reason[:160]}"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

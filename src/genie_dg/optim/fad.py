@@ -76,8 +76,6 @@ class FAD(FlatnessAwareOptimizer):
         g3 = gradients(params)
         move_to(params, origin)
         alpha, beta = self.alpha, self.beta
-        direction = [
-            a + beta * (alpha * h0 + (1 - alpha) * (d - c)) for a, h0, c, d in zip(g0, sharpness, g2, g3)
-        ]
+        direction = [a + beta * (alpha * h0 + (1 - alpha) * (d - c)) for a, h0, c, d in zip(g0, sharpness, g2, g3)]
         self._step_base(params, direction)
         return loss

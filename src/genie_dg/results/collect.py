@@ -90,9 +90,7 @@ def build_tables(records: Sequence[Record], method: type[SelectionMethod]) -> li
         choice = method.sweep_acc(group)
         if choice is not None:
             selected[key] = choice
-    row_keys = sorted(
-        {(r.run.optimizer, r.run.algorithm) for r in records}, key=lambda k: (k[0].lower(), k[1].lower())
-    )
+    row_keys = sorted({(r.run.optimizer, r.run.algorithm) for r in records}, key=lambda k: (k[0].lower(), k[1].lower()))
     # Each dataset's domains in its own order (DomainBed's environment order), first seen first.
     datasets: dict[tuple[str, str], tuple[str, ...]] = {}
     for record in records:
@@ -118,8 +116,7 @@ def build_tables(records: Sequence[Record], method: type[SelectionMethod]) -> li
                 for trial in trials
             }
             cells = [
-                Cell(tuple(accs[i] for accs in accuracy.values() if accs[i] is not None))
-                for i in range(len(domains))
+                Cell(tuple(accs[i] for accs in accuracy.values() if accs[i] is not None)) for i in range(len(domains))
             ]
             rows.append(((optimizer, algorithm), (*cells, _average_cell(cells))))
             complete_trials = [fmean(accs) for accs in accuracy.values() if None not in accs]
@@ -188,9 +185,7 @@ def _latex(
     return "\n".join(out) + "\n"
 
 
-def _csv(
-    tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int, n_skipped: int = 0
-) -> str:
+def _csv(tables: Sequence[Table], methods: Sequence[type[SelectionMethod]], n_records: int, n_skipped: int = 0) -> str:
     """One row per cell (tidy), numbers in percent; a missing cell has empty numbers (the
     counts of records and skipped lines go to stderr only, keeping the table tidy)."""
     buffer = io.StringIO()
@@ -225,9 +220,7 @@ def collect(root: Path, fmt: str = "markdown", selections: Sequence[str] = tuple
     if bad_lines:
         print(f"warning: skipped {len(bad_lines)} line(s) that are not records", file=sys.stderr)
     if not records:
-        raise UserInputError(
-            f"no results.jsonl under {root}: point genie-dg collect at a run or sweep directory"
-        )
+        raise UserInputError(f"no results.jsonl under {root}: point genie-dg collect at a run or sweep directory")
     methods = [SELECTION_METHODS[key] for key in selections]
     tables = [table for method in methods for table in build_tables(records, method)]
     return RENDERERS[fmt](tables, methods, len(records), len(bad_lines))
@@ -237,9 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "sweep_dir", type=Path, help="a sweep (or run) directory; results.jsonl files are found at any depth"
     )
-    parser.add_argument(
-        "--format", choices=FORMATS, default="markdown", help="output format (default: markdown)"
-    )
+    parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
     parser.add_argument(
         "--selection",
         choices=tuple(SELECTION_METHODS),

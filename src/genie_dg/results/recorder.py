@@ -43,9 +43,7 @@ class ResultsRecorder(Callback):
             os.fsync(file.fileno())
 
 
-def split_accuracies(
-    eval_sets: Iterable[EvalSet], metrics: dict[str, Any], stage: str
-) -> dict[str, dict[str, float]]:
+def split_accuracies(eval_sets: Iterable[EvalSet], metrics: dict[str, Any], stage: str) -> dict[str, dict[str, float]]:
     """``{domain: {"in"|"out": accuracy}}`` from the ``<stage>/<eval set>/acc`` metrics."""
     accuracy: dict[str, dict[str, float]] = {}
     for eval_set in eval_sets:

@@ -85,7 +85,9 @@ class Record:
     def from_json(cls, line: dict[str, Any], run_dir: str) -> Record:
         fields = RunIdentity.__dataclass_fields__
         # A field with a default may be missing from records written before it existed.
-        identity = {name: line[name] for name, spec in fields.items() if name in line or spec.default_factory is MISSING}
+        identity = {
+            name: line[name] for name, spec in fields.items() if name in line or spec.default_factory is MISSING
+        }
         for name in ("domains", "train_domains", "test_domains"):
             identity[name] = tuple(identity[name])
         return cls(RunIdentity(**identity), int(line["step"]), line["accuracy"], run_dir)

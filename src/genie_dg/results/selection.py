@@ -197,6 +197,5 @@ class OracleSelectionMethod(SelectionMethod):
 
 
 SELECTION_METHODS: dict[str, type[SelectionMethod]] = {
-    method.key: method
-    for method in (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod, OracleSelectionMethod)
+    method.key: method for method in (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod, OracleSelectionMethod)
 }

@@ -87,11 +87,7 @@ def _direction_in_slices(m: Tensor, s: Tensor, g: Tensor, sc: StepScalars, floor
 
 
 def _sliceable(param: Tensor, *tensors: Tensor) -> bool:
-    return (
-        param.device.type == "cpu"
-        and param.numel() > CPU_CHUNK_NUMEL
-        and all(x.is_contiguous() for x in tensors)
-    )
+    return param.device.type == "cpu" and param.numel() > CPU_CHUNK_NUMEL and all(x.is_contiguous() for x in tensors)
 
 
 def _noise_amplitude(direction: Direction, hp: Hyperparameters) -> float | None:
@@ -190,7 +186,12 @@ def _bucket_numel(device: torch.device) -> int:
 
 
 def _foreach_directions(
-    ms: list[Tensor], ss: list[Tensor], gs: list[Tensor], scal: list[StepScalars], floors: list[float], hp: Hyperparameters
+    ms: list[Tensor],
+    ss: list[Tensor],
+    gs: list[Tensor],
+    scal: list[StepScalars],
+    floors: list[float],
+    hp: Hyperparameters,
 ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
     """:func:`_direction` of every tensor of a bucket, operation by operation (same order)."""
     torch._foreach_lerp_(ms, gs, 1.0 - hp.beta)

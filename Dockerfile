@@ -47,10 +47,9 @@ RUN pip install --no-cache-dir --no-deps . \
     && mkdir -p /app/data /app/logs \
     && chown genie:genie /app /app/data /app/logs
 
-# Hydra's config and entry point; runs write under /app/logs and read datasets from /app/data
+# The entry point (Hydra's configs ship inside the package); runs write under /app/logs and read datasets from /app/data
 # (DATA_DIR=./data), both meant to be mounted.
 WORKDIR /app
-COPY conf ./conf
 COPY train.py ./
 
 USER 1000:1000

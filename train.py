@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.errors import UserInputError
 from genie_dg.pipeline import train
 from genie_dg.resolvers import register_resolvers
@@ -21,7 +22,7 @@ load_dotenv(override=False)
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         # What a sweeper (hparams_search=optuna) optimises: training-domain validation accuracy,

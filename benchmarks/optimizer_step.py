@@ -15,7 +15,7 @@ Not a test. Two tables:
 2. End to end: ``optimizer.step(closure)`` where the closure zeroes the gradients and runs the
    forward and backward pass, as Lightning's automatic optimization does, so the extra passes
    of SAM, GAM and FAD and the Hessian-vector products of AdaHessian and GAM are included.
-   Each optimizer is built from its Hydra config (``conf/optimizer/<name>.yaml`` with the
+   Each optimizer is built from its Hydra config (``genie_dg/conf/optimizer/<name>.yaml`` with the
    default dataset's tuned values) over the default experiment's network (the backbone
    config, one input channel, 10 classes) on one batch of the default experiment's size
    (batch_size per domain x 5 training domains) of random 28x28 images: timings do not
@@ -38,17 +38,16 @@ import platform
 import statistics
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.models import Classifier
 from genie_dg.optim import GENIE, differentiates_gradient
 from genie_dg.pipeline import instantiate_or_explain
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 END_TO_END_OPTIMIZERS = ("adam", "adamw", "sgd", "yogi", "adabelief", "adahessian", "sam", "gam", "fad", "genie")
 AUTHORS = "authors' per-tensor loop"
 
@@ -213,7 +212,7 @@ def main() -> None:
     ap.add_argument("--skip-step-only", action="store_true", help="skip the step()-only table")
     ap.add_argument("--skip-end-to-end", action="store_true", help="skip the end-to-end table")
     ap.add_argument(
-        "--e2e-optimizers", nargs="+", default=list(END_TO_END_OPTIMIZERS), help="conf/optimizer names to time"
+        "--e2e-optimizers", nargs="+", default=list(END_TO_END_OPTIMIZERS), help="genie_dg/conf/optimizer names to time"
     )
     ap.add_argument("--e2e-repeats", type=int, default=5, help="timed end-to-end steps per optimizer")
     ap.add_argument("--e2e-warmup", type=int, default=1, help="untimed end-to-end steps first")
@@ -261,7 +260,7 @@ def print_step_only_table(args) -> None:
 def time_end_to_end(name: str, args) -> tuple[float, float, float]:
     """Median ms of ``optimizer.step(closure)``, median ms of it spent outside the closure
     (forward and backward passes excluded), and backward passes per step, for one config."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"optimizer={name}"])
     torch.manual_seed(args.seed)
     network = Classifier(instantiate_or_explain(cfg.backbone, in_chans=1), num_classes=10).train()

@@ -8,7 +8,7 @@ Four parts, in this order, each recorded even when another fails:
 1. **ResNet-50 images/s**: timm ``resnet50`` (ImageNet's 1,000-class head) trained on synthetic
    224 px images (batch 128), one forward, cross-entropy, backward and optimizer step per batch,
    ``bf16`` autocast, channels-last, for Adam (fused on CUDA) and GENIE (compiled on CUDA), each
-   from its ``conf/optimizer`` config. The first step (GENIE's compilation) is timed apart.
+   from its ``genie_dg/conf/optimizer`` config. The first step (GENIE's compilation) is timed apart.
 2. **One-GPU DDP**: ``python train.py trainer=ddp trainer.devices=1`` (NCCL; gloo with
    ``--tiny``) on the DomainBed RotatedMNIST experiment with GENIE, ``bf16-mixed``, a short run.
 3. **DomainBed's protocol** (``experiment=domainbed_rotated_mnist``: all 70,000 digits, DomainBed's
@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "conf"
 EXPERIMENT = "domainbed_rotated_mnist"
 # Extreme angles first: the hardest targets, and the ones a short check should not miss.
 TARGET_ORDER = ("rot0", "rot75", "rot15", "rot60", "rot30", "rot45")
@@ -154,6 +153,8 @@ def compose_train_config(overrides: Sequence[str], output_dir: Path):
     """The composed ``train.py`` config, with every path pointed into this check's folder."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
+
+    from genie_dg.conf import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))

@@ -10,10 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from genie_dg.conf import CONFIG_DIR as PACKAGED_CONFIG_DIR
 from genie_dg.resolvers import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "conf")
+CONFIG_DIR = str(PACKAGED_CONFIG_DIR)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

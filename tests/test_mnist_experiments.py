@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.sweep import sample_hparams, search_specs
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONFIG_DIR
 
 
 def hydra_config(*overrides: str):

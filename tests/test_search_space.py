@@ -8,14 +8,14 @@ surround the value a single run uses. Checked for every configuration a user can
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.sweep import search_specs, searched_groups
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONFIG_DIR
 DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
 OPTIMIZERS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
 ALGORITHMS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))

@@ -5,10 +5,11 @@
 :func:`register_resolvers` first::
 
     from hydra import compose, initialize_config_dir
+    from genie_dg.conf import CONFIG_DIR
     from genie_dg.resolvers import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir="/path/to/genie-dg/conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
 """
 
@@ -32,9 +33,9 @@ def _optuna_space(*, _root_: DictConfig) -> dict[str, str]:
     return optuna_space(_root_)
 
 
-# ${run_key:} names a multirun job's directory (conf/hydra/default.yaml: hydra.sweep.subdir);
+# ${run_key:} names a multirun job's directory (genie_dg/conf/hydra/default.yaml: hydra.sweep.subdir);
 # ${optuna_space:} is the search space of hparams_search=optuna; ${cwd:} is the working directory
-# (conf/paths/default.yaml), which a sweeper can resolve before Hydra's runtime exists.
+# (genie_dg/conf/paths/default.yaml), which a sweeper can resolve before Hydra's runtime exists.
 RESOLVERS: dict[str, Any] = {"run_key": _run_key, "optuna_space": _optuna_space, "cwd": os.getcwd}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +21,11 @@ from genie_dg.algorithms.irm import IRM
 from genie_dg.algorithms.miro import MIRO
 from genie_dg.algorithms.mixstyle import MixStyle
 from genie_dg.algorithms.vrex import VREx
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.models import Classifier, create_backbone
 from genie_dg.models.timm_resnet import captured_outputs, stem_and_stages
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "algorithm"
+CONF = CONFIG_DIR / "algorithm"
 
 
 def _resnet(freeze_bn: bool = False, in_chans: int = 1) -> Classifier:

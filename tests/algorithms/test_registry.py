@@ -3,8 +3,6 @@ manually optimized methods get from the training loop."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.utils import get_class
@@ -13,8 +11,9 @@ from torch import nn
 
 import genie_dg.algorithms as algorithms
 from genie_dg.algorithms import DGAlgorithm, StepContext
+from genie_dg.conf import CONFIG_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "algorithm"
+CONF = CONFIG_DIR / "algorithm"
 CONFIGS = sorted(CONF.glob("*.yaml"))
 
 

@@ -21,6 +21,7 @@ from rich.progress import Progress
 from trees import PACS_DOMAINS, image_bytes
 
 from genie_dg.cli import main
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.data.download import (
     SOURCES,
     TERRA_CATEGORIES,
@@ -328,9 +329,9 @@ def test_terra_incognita_is_built_from_its_annotations(tmp_path):
 
 def test_each_download_matches_its_dataset_config():
     for name, source in SOURCES.items():
-        config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml"))
+        config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "dataset" / f"{name}.yaml"))
         assert config["dataset"]["root"] == f"${{paths.data_dir}}/{source.folder}"
-    terra = OmegaConf.load(ROOT / "conf" / "dataset" / "terra_incognita.yaml").dataset
+    terra = OmegaConf.load(CONFIG_DIR / "dataset" / "terra_incognita.yaml").dataset
     assert sorted(terra.domains) == sorted(f"location_{loc}" for loc in TERRA_LOCATIONS)
     assert list(terra.classes) == sorted(TERRA_CATEGORIES)
 

@@ -12,12 +12,13 @@ from omegaconf import OmegaConf
 from trees import write_tree
 
 from genie_dg.cli import main
+from genie_dg.conf import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pacs_counts() -> dict[str, dict[str, int]]:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "dataset" / "pacs.yaml").dataset.expected_counts)
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "dataset" / "pacs.yaml").dataset.expected_counts)
 
 
 @pytest.fixture
@@ -109,20 +110,9 @@ DOMAINBED_TOTALS = {
 
 @pytest.mark.parametrize("name", sorted(DOMAINBED_TOTALS))
 def test_pinned_per_class_counts_cover_every_class_and_sum_to_domainbed_totals(name):
-    node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml").dataset)
+    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "dataset" / f"{name}.yaml").dataset)
     counts = node["expected_counts"]
     assert list(counts) == node["domains"]
     for domain, per_class in counts.items():
         assert list(per_class) == node["classes"], domain
         assert sum(per_class.values()) == DOMAINBED_TOTALS[name][domain], domain
-
-
-def test_an_installed_package_reads_the_configs_of_the_working_directory(tmp_path, monkeypatch):
-    from genie_dg.data import verify
-
-    assert verify.config_dir_for(Path(verify.__file__)) == verify.CONFIG_DIR  # a source checkout: conf/ beside src/
-    installed = tmp_path / "lib" / "python3.12" / "site-packages" / "genie_dg" / "data" / "verify.py"
-    installed.parent.mkdir(parents=True)
-    installed.touch()
-    monkeypatch.chdir(tmp_path)
-    assert verify.config_dir_for(installed) == tmp_path / "conf"

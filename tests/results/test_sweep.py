@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.errors import UserInputError
 from genie_dg.run_dir import run_key
 from genie_dg.sweep import draw, optuna_space, sample_hparams, seed_hash
@@ -115,7 +115,7 @@ def test_optuna_space_translates_every_search_mapping(make_config):
 
 
 def _hydra_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
@@ -143,7 +143,7 @@ def test_slurm_launcher_asks_for_a_gpu_per_task_and_multiruns_name_jobs_by_confi
     assert cfg.hydra.sweep.subdir == run_key(cfg), "the job directory is the job config's hash"
 
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONFIG_DIR
 SWEEP_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("sweep_*.yaml"))
 
 
@@ -204,7 +204,7 @@ from hydra import compose, initialize_config_dir
 from genie_dg.resolvers import register_resolvers
 
 register_resolvers()
-with initialize_config_dir(config_dir={str(Path(__file__).resolve().parents[2] / "conf")!r}, version_base="1.3"):
+with initialize_config_dir(config_dir={str(CONFIG_DIR)!r}, version_base="1.3"):
     cfg = compose("train", overrides=["hparams_search=optuna", "optimizer=sgd"], return_hydra_config=True)
 print(sorted(cfg.hydra.sweeper.params))
 """

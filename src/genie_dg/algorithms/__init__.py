@@ -1,4 +1,4 @@
-"""Pluggable DG methods; each is one file here plus one ``conf/algorithm/<name>.yaml``."""
+"""Pluggable DG methods; each is one file here plus one ``genie_dg/conf/algorithm/<name>.yaml``."""
 
 from genie_dg.algorithms.arm import ARM
 from genie_dg.algorithms.base import AlgorithmOutput, DGAlgorithm, DomainBatch, StepContext

@@ -14,21 +14,12 @@ from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from genie_dg.conf import CONFIG_DIR
 from genie_dg.data.download import default_data_dir
 from genie_dg.data.image_folder import ImageTree, expected_total, find_unreadable, scan_image_tree
 from genie_dg.errors import UserInputError
 from genie_dg.resolvers import register_resolvers
 
-
-def config_dir_for(source_file: Path) -> Path:
-    """The project's Hydra configs, the ones train.py composes: conf/ beside src/ (a source
-    checkout), else conf/ in the working directory (an installed package, as in the Docker
-    image's /app)."""
-    beside_sources = source_file.resolve().parents[3] / "conf"
-    return beside_sources if beside_sources.is_dir() else Path.cwd() / "conf"
-
-
-CONFIG_DIR = config_dir_for(Path(__file__))
 IMAGE_FOLDER_TARGET = "genie_dg.data.domain_image_folder"
 
 

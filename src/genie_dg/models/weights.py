@@ -220,7 +220,7 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     from hydra import compose, initialize_config_dir
 
-    from genie_dg.data.verify import CONFIG_DIR
+    from genie_dg.conf import CONFIG_DIR
 
     names = list(args.model)
     if args.overrides or not names:

@@ -216,7 +216,7 @@ def test_a_sweep_killed_halfway_keeps_its_finished_runs_and_completes_when_run_a
         assert (run / "summary.json").read_bytes() == summary, "a finished run was run again"
         assert (run / "results.jsonl").stat().st_mtime_ns == stamps[run]
         assert f"{run} finished before: skipping it" in again.stdout + again.stderr
-    seeds = sorted(json.loads((run / "summary.json").read_text())["trial_seed"] for run in runs)
+    seeds = sorted(json.loads((run / "summary.json").read_text())["run"]["trial_seed"] for run in runs)
     assert seeds == [0, 1, 2]
 
     # ckpt_path=last does not change a job's directory: the finished sweep is skipped whole.

@@ -126,7 +126,7 @@ def test_imagenet_weights_with_frozen_batchnorm_beat_random_init_on_the_unseen_d
     # Measured (seed 0): 75.0% against 13.6% on caltech's in split (44 images).
     assert pretrained["target_acc"] >= scratch["target_acc"] + 0.3, (pretrained["target_acc"], scratch["target_acc"])
 
-    record = pretrained["backbone"]
+    record = pretrained["run"]["backbone"]
     assert record["freeze_bn"] is True
     assert record["weights"] == {
         "source": "file",
@@ -134,7 +134,8 @@ def test_imagenet_weights_with_frozen_batchnorm_beat_random_init_on_the_unseen_d
         "path": str(weights),
         "sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     }
-    assert scratch["backbone"]["weights"]["source"] == "random" and scratch["backbone"]["freeze_bn"] is False
+    assert scratch["run"]["backbone"]["weights"]["source"] == "random"
+    assert scratch["run"]["backbone"]["freeze_bn"] is False
     lines = [json.loads(line) for line in (tmp_path / "pretrained" / "results.jsonl").read_text().splitlines()]
     assert lines and all(line["backbone"] == record for line in lines)
 

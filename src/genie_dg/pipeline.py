@@ -102,7 +102,7 @@ def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
     start_checkpoint = check_start_checkpoint(Path(start.ckpt_path), cfg, weights_only) if start.start_file else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     write_atomically(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(resolved))
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, identity = build_run(cfg)
     ckpt_path = start.ckpt_path
     if start_checkpoint is not None and weights_only:
         start_from_weights(model, start_checkpoint, ckpt_path, cfg)
@@ -115,7 +115,7 @@ def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-        summary = summarize(cfg, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
+        summary = summarize(identity, datamodule, tested[0] if tested else {}, best, output_dir, trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 report_to_wandb(logger, summary, wants_model=wandb_logs_model(cfg))
@@ -209,6 +209,12 @@ def checked_optimizer(node: DictConfig) -> Any:
 
 def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     """Instantiate the data module, the LightningModule and the Trainer of a run."""
+    datamodule, model, trainer, _ = build_run(cfg)
+    return datamodule, model, trainer
+
+
+def build_run(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer, RunIdentity]:
+    """:func:`build`, and the run's identity, built once: its records and its summary carry it."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: MultiDomainDataModule = instantiate_or_explain(cfg.dataset)
@@ -220,7 +226,7 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
         algorithm=instantiate_or_explain(cfg.algorithm),
         optimizer=checked_optimizer(cfg.optimizer),
         num_classes=data.num_classes,
-        train_domains=[data.domain_names[d] for d in datamodule.train_domains],
+        train_domains=list(datamodule.train_domain_names),
         eval_roles={s.name: s.role for s in datamodule.eval_sets},
         input_shape=data.input_shape,
         freeze_bn=bool(cfg.backbone.get("freeze_bn", False)),
@@ -248,20 +254,19 @@ def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **overrides
     )
-    return datamodule, model, trainer
+    return datamodule, model, trainer, identity
 
 
 def run_identity(cfg: DictConfig, datamodule: MultiDomainDataModule, model: DGModule) -> RunIdentity:
-    """What the run is, for its records and its W&B name (see :class:`RunIdentity`)."""
-    names = datamodule.dataset.domain_names
+    """What the run is, for its records, its summary and its W&B name (see :class:`RunIdentity`)."""
     return RunIdentity(
         dataset=datamodule.dataset.name,
         protocol=datamodule.protocol,
         algorithm=type(model.algorithm).__name__,
         optimizer=str(cfg.optimizer._target_).rsplit(".", 1)[-1],
-        domains=tuple(names),
-        train_domains=tuple(names[d] for d in datamodule.train_domains),
-        test_domains=tuple(names[d] for d in datamodule.test_domains),
+        domains=tuple(datamodule.dataset.domain_names),
+        train_domains=datamodule.train_domain_names,
+        test_domains=datamodule.test_domain_names,
         trial_seed=int(cfg.get("trial_seed", cfg.seed)),
         hparams_seed=int(cfg.get("hparams_seed", 0)),
         seed=int(cfg.seed),

@@ -33,7 +33,7 @@ from rich.table import Table
 from genie_dg.data import MultiDomainDataModule
 from genie_dg.results.records import RunIdentity
 from genie_dg.run_dir import read_summary, wandb_run_id, write_atomically
-from genie_dg.sweep import searched_hparams, sweep_group
+from genie_dg.sweep import sweep_group
 
 log = logging.getLogger(__name__)
 # Seconds to wait for the W&B server before logging offline.
@@ -221,14 +221,15 @@ def backbone_record(model: Any) -> dict[str, Any]:
 
 
 def summarize(
-    cfg: DictConfig,
+    identity: RunIdentity,
     datamodule: MultiDomainDataModule,
     metrics: dict[str, float],
     checkpoint: str,
     output_dir: Path,
     trainer: L.Trainer,
 ) -> dict[str, Any]:
-    """The run's ``summary.json``: what it is, its tested accuracies, where its files are."""
+    """The run's ``summary.json``: what it is (``run``: the :class:`RunIdentity` its records
+    carry), its steps, its tested accuracies, where its files are."""
     domains = [
         {
             "domain": s.name,
@@ -246,21 +247,19 @@ def summarize(
         elif isinstance(logger, WandbLogger):
             files["wandb"] = str(Path(logger.save_dir or output_dir) / "wandb")
     return {
-        "dataset": datamodule.dataset.name,
-        "protocol": datamodule.protocol,
-        "algorithm": type(trainer.lightning_module.algorithm).__name__,
-        "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
+        "run": identity.as_dict(),
         "steps": trainer.global_step,
-        "seed": cfg.seed,
-        "trial_seed": cfg.get("trial_seed", cfg.seed),
-        "hparams_seed": cfg.get("hparams_seed", 0),
-        "hparams": searched_hparams(cfg),
-        "backbone": backbone_record(trainer.lightning_module),
         "source_acc": metrics.get("test/source_acc"),
         "target_acc": metrics.get("test/target_acc"),
         "domains": domains,
         "files": files,
     }
+
+
+def summary_run(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the run of a ``summary.json`` is: its ``run``, or, in a summary written before the
+    identity was embedded, the same keys at the top level."""
+    return summary.get("run") or summary
 
 
 def finished_summary(output_dir: Path) -> dict[str, Any]:
@@ -276,10 +275,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     """The run's accuracy table and where its files are (relative to the working directory when
     under it), printed once per run: by rank 0 of a DDP run."""
     console = Console()
+    run = summary_run(summary)
     table = Table(
         title=(
-            f"{summary['dataset']} | {summary['algorithm']} + {summary['optimizer']} | "
-            f"{summary['steps']} steps | seed {summary['seed']}"
+            f"{run['dataset']} | {run['algorithm']} + {run['optimizer']} | "
+            f"{summary['steps']} steps | seed {run['seed']}"
         )
     )
     table.add_column("domain")

@@ -46,7 +46,7 @@ def test_every_validation_appends_a_record_of_the_run_and_its_accuracies(small_r
     # hparams_seed 2 draws GENIE's hyper-parameters: the run trained with them, and says so.
     assert (
         first["hparams"]
-        == summary["hparams"]
+        == summary["run"]["hparams"]
         != {"optimizer.lr": 0.5, "optimizer.beta": 0.95, "optimizer.p": 0.4, "optimizer.weight_decay": 0.0}
     )
     resolved = yaml.safe_load((run / "config_resolved.yaml").read_text())
@@ -58,6 +58,9 @@ def test_every_validation_appends_a_record_of_the_run_and_its_accuracies(small_r
             "rot0": {"in", "out"},
         }
         assert all(0.0 <= v <= 1.0 for splits in accuracy.values() for v in splits.values())
+    # The summary embeds the records' identity, built once: the same fields, the same values.
+    assert summary["run"] == {k: v for k, v in first.items() if k not in ("step", "accuracy")}
+    assert json.loads((run / "summary.json").read_text())["run"] == summary["run"]
     roles = {row["domain"]: row["role"] for row in summary["domains"]}
     assert roles["rot0"] == "target" and roles["rot0/out"] == "target_validation"
     assert summary["target_acc"] == next(r["accuracy"] for r in summary["domains"] if r["domain"] == "rot0")

@@ -249,13 +249,22 @@ class MultiDomainDataModule(LightningDataModule):
         return self.data
 
     @property
+    def train_domain_names(self) -> tuple[str, ...]:
+        """The training domains by name (``train_domains`` holds their indices), in order."""
+        return tuple(self.dataset.domain_names[d] for d in self.train_domains)
+
+    @property
+    def test_domain_names(self) -> tuple[str, ...]:
+        """The target domains by name (``test_domains`` holds their indices), in order."""
+        return tuple(self.dataset.domain_names[d] for d in self.test_domains)
+
+    @property
     def eval_sets(self) -> list[EvalSet]:
-        names = self.dataset.domain_names
-        held_out_targets = self.test_domains if self.target_holdout else []
+        held_out_targets = self.test_domain_names if self.target_holdout else ()
         return (
-            [EvalSet(names[d], False) for d in self.train_domains]
-            + [EvalSet(names[d], True) for d in self.test_domains]
-            + [EvalSet(names[d], True, is_target_validation=True) for d in held_out_targets]
+            [EvalSet(name, False) for name in self.train_domain_names]
+            + [EvalSet(name, True) for name in self.test_domain_names]
+            + [EvalSet(name, True, is_target_validation=True) for name in held_out_targets]
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -13,7 +13,9 @@ accuracy of every evaluated split of every domain in DomainBed's vocabulary::
 when ``dataset.target_holdout=true``: test-domain validation, read only by oracle selection) and
 ``in`` the rest of a target domain, whose accuracy is reported (all of it without a held-out
 part). The accuracy of the training data itself is not evaluated: no selection method reads it.
-:class:`genie_dg.results.recorder.ResultsRecorder` writes them; this module only reads and
+The run's ``summary.json`` holds the same identity, built once per run, under ``run``
+(:func:`genie_dg.reporting.summarize`).
+:class:`genie_dg.results.recorder.ResultsRecorder` writes the records; this module only reads and
 writes the format, so ``genie-dg collect`` starts without importing Lightning.
 """
 
@@ -51,6 +53,23 @@ class RunIdentity:
     # tag, file path and sha256), "freeze_bn": bool}. Records from before it was kept have {}.
     backbone: dict[str, Any] = field(default_factory=dict)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The identity as JSON writes it: a ``results.jsonl`` line's fields besides ``step`` and
+        ``accuracy``, and ``summary.json``'s ``run``."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunIdentity:
+        """The identity in a mapping :meth:`as_dict` wrote (other keys are ignored); a field with
+        a default may be missing, from files written before it existed."""
+        fields = cls.__dataclass_fields__
+        identity = {
+            name: data[name] for name, spec in fields.items() if name in data or spec.default_factory is MISSING
+        }
+        for name in ("domains", "train_domains", "test_domains"):
+            identity[name] = tuple(identity[name])
+        return cls(**identity)
+
     @property
     def held_out(self) -> str:
         """The domains that tell runs of one configuration apart: ``test=<targets>`` under
@@ -83,19 +102,12 @@ class Record:
 
     @classmethod
     def from_json(cls, line: dict[str, Any], run_dir: str) -> Record:
-        fields = RunIdentity.__dataclass_fields__
-        # A field with a default may be missing from records written before it existed.
-        identity = {
-            name: line[name] for name, spec in fields.items() if name in line or spec.default_factory is MISSING
-        }
-        for name in ("domains", "train_domains", "test_domains"):
-            identity[name] = tuple(identity[name])
-        return cls(RunIdentity(**identity), int(line["step"]), line["accuracy"], run_dir)
+        return cls(RunIdentity.from_dict(line), int(line["step"]), line["accuracy"], run_dir)
 
 
 def record_line(identity: RunIdentity, step: int, accuracy: dict[str, dict[str, float]]) -> str:
     """One line of ``results.jsonl``."""
-    return json.dumps({"step": step, **asdict(identity), "accuracy": accuracy}, sort_keys=False)
+    return json.dumps({"step": step, **identity.as_dict(), "accuracy": accuracy}, sort_keys=False)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> float | None:
         return None if summary is None else summary["source_acc"]
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
-        # A start that failed before training leaves no run directory behind.
+        # A start that failed before training leaves no run directory behind (nor does a
+        # multirun job's: the sweep then stops at that job with this status, as it always has).
         runtime = HydraConfig.get().runtime
         discard_failed_start(Path(runtime.output_dir), HydraConfig.get().job.name)
         raise SystemExit(2) from None

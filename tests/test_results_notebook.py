@@ -1,4 +1,4 @@
-"""notebooks/results.ipynb, executed on a copy of the committed golden sweep (tests/data/golden_sweep)."""
+"""notebooks/results.ipynb, executed on a copy of the committed golden sweep (tests/fixtures/golden_sweep)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from nbclient import NotebookClient
 
 from genie_dg.results.collect import collect
 
+from helpers import FIXTURES
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "results.ipynb"
-GOLDEN = ROOT / "tests" / "data" / "golden_sweep"
+GOLDEN = FIXTURES / "golden_sweep"
 
 
 def _execute(sweep_dir: Path, monkeypatch: pytest.MonkeyPatch, figure_path: Path | None = None):

@@ -13,15 +13,12 @@ Run: ``.venv/bin/python tests/algorithms/measure_fidelity.py`` (a script, not a 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Run as a script, Python puts this file's folder first on sys.path: test_fidelity is beside it.
+import test_fidelity as tiny
 
-import test_fidelity as tiny  # noqa: E402
-
-from genie_dg.algorithms.irm import IRM  # noqa: E402
-from genie_dg.algorithms.miro import MIRO  # noqa: E402
+from genie_dg.algorithms.irm import IRM
+from genie_dg.algorithms.miro import MIRO
 
 
 def irm_reset() -> None:

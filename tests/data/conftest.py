@@ -1,4 +1,4 @@
-"""Fixtures of the data tests (helpers live in trees.py)."""
+"""Fixtures of the data tests (helpers live in helpers.trees)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from trees import write_tree
+
+from helpers.trees import write_tree
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import Progress
-from trees import PACS_DOMAINS, image_bytes
 
 from genie_dg.cli import main
 from genie_dg.conf import CONFIG_DIR
@@ -30,6 +29,8 @@ from genie_dg.data.download import (
     fetch,
     safe_extract,
 )
+
+from helpers.trees import PACS_DOMAINS, image_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -336,6 +337,7 @@ def test_each_download_matches_its_dataset_config():
     assert list(terra.classes) == sorted(TERRA_CATEGORIES)
 
 
+@pytest.mark.e2e  # python -m in a process of its own
 def test_python_dash_m_download_is_the_same_command(tmp_path):
     archive = _pacs_zip(tmp_path / "mirror" / "PACS.zip")
     result = subprocess.run(

@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from trees import image_bytes, write_image, write_tree
 
 from genie_dg.data import DomainSubset, domain_image_folder
 from genie_dg.data.image_folder import CorruptImageError
 from genie_dg.errors import UserInputError
 from genie_dg.pipeline import build, instantiate_or_explain
+
+from helpers.trees import image_bytes, write_image, write_tree
 
 WARNING_LOGGER = "genie_dg.data.image_folder"
 
@@ -119,6 +120,7 @@ def test_a_truncated_image_raises_an_error_naming_the_file_when_read(make_tree):
         list(DataLoader(DomainSubset(data.domains[0], [0, 1], 0, data.eval_transform), batch_size=2))
 
 
+@pytest.mark.e2e  # a DataLoader worker process
 def test_a_corrupt_image_read_in_a_loader_worker_is_one_error_line(make_tree):
     root = make_tree({"photo": {"dog": 2}})
     bad = root / "photo" / "dog" / "00001.png"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from trees import write_tree
 
 from genie_dg.cli import main
 from genie_dg.conf import CONFIG_DIR
+
+from helpers.trees import write_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +91,7 @@ def test_unusable_requests_are_one_error_line_and_exit_2(args, message, capsys):
     assert "colored_mnist" not in err and ("verify-data checks" not in err or "pacs" in err)
 
 
+@pytest.mark.e2e  # the installed console script, run
 def test_the_console_script_is_installed_and_verifies(full_pacs):
     script = shutil.which("genie-dg", path=str(Path(sys.executable).parent))
     assert script, "pip install -e . creates the genie-dg console script"

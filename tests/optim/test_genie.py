@@ -8,10 +8,11 @@ import warnings
 
 import pytest
 import torch
-from genie_reference import RefGENIE, grads_sequence, pair, ref_direction, run_steps
 from torch import nn
 
 from genie_dg.optim import GENIE
+
+from helpers.genie_reference import RefGENIE, grads_sequence, pair, ref_direction, run_steps
 
 
 # ---------------------------------------------------------------------------

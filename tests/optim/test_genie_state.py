@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from genie_reference import grads_sequence, pair, run_steps
 from torch import nn
 
 from genie_dg.optim import GENIE, register_timm
 from genie_dg.optim.genie.eager import CPU_CHUNK_NUMEL
+
+from helpers.genie_reference import grads_sequence, pair, run_steps
 
 
 # ---------------------------------------------------------------------------

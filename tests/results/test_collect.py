@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from records_factory import lodo_record, make_record
 
 from genie_dg.cli import main
 from genie_dg.errors import UserInputError
@@ -17,8 +16,11 @@ from genie_dg.results.collect import build_tables, collect
 from genie_dg.results.records import RESULTS_FILE, record_line
 from genie_dg.results.selection import IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_sweep"
-GOLDEN_TABLES = Path(__file__).resolve().parent / "golden_tables.md"
+from helpers import FIXTURES
+from helpers.records_factory import lodo_record, make_record
+
+GOLDEN = FIXTURES / "golden_sweep"
+GOLDEN_TABLES = FIXTURES / "golden_tables.md"
 
 # GENIE + ERM: every target, trials 0 and 1; Adam + ERM: target A, trial 0 only.
 GENIE_ACCS = {(0, "A"): 0.80, (1, "A"): 0.90, (0, "B"): 0.60, (1, "B"): 0.70, (0, "C"): 0.30, (1, "C"): 0.50}
@@ -124,7 +126,7 @@ def test_bad_lines_are_skipped_named_by_file_and_line_and_counted(tmp_path, caps
 
 
 def test_golden_sweep_tables_are_unchanged():
-    """tests/data/golden_sweep holds real tiny runs (tests/data/make_golden_sweep.sh)."""
+    """tests/fixtures/golden_sweep holds real tiny runs (tests/fixtures/make_golden_sweep.sh)."""
     assert collect(GOLDEN) == GOLDEN_TABLES.read_text()
 
 

@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from lightning.pytorch.loggers import WandbLogger
-from wandb_file import read_records
 
 from genie_dg import pipeline, reporting
 from genie_dg.pipeline import build, train
+
+from helpers.wandb_file import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("trainer.max_steps=4", "trainer.val_check_interval=2")
@@ -137,6 +139,7 @@ def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.e2e  # a sweep of train.py processes, twice
 def test_a_sweep_run_again_skips_finished_jobs_and_no_file_holds_the_api_key(tmp_path):
     first = _sweep(tmp_path, "optimizer=adam")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from records_factory import lodo_record, make_record
 
 from genie_dg.results.selection import (
     GroupKey,
@@ -12,6 +11,8 @@ from genie_dg.results.selection import (
     OracleSelectionMethod,
     group_records,
 )
+
+from helpers.records_factory import lodo_record, make_record
 
 IID, LOO, ORACLE = IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod, OracleSelectionMethod
 

@@ -25,7 +25,8 @@ train: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
-# The inner loop: unit and config tests, without the slow and end-to-end tiers.
+# The inner loop: unit and config tests, without the slow and end-to-end tiers (docs/development.md).
+# 537 tests in 52 s on 2 busy cores: `time .venv/bin/python -m pytest -m "not slow and not e2e" -q -p no:cacheprovider`.
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -x -q -m "not slow and not e2e" $(PYTEST_ARGS)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -83,3 +84,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Tests of the fast tier work on tiny tensors: one intra-op thread avoids OpenMP
+    oversubscription, which makes them many times slower on a busy 2-core machine (set around
+    the whole test, so a module fixture it builds gets it too). ``slow`` and ``e2e`` tests (real
+    training, real data) keep torch's default."""
+    if item.get_closest_marker("slow") or item.get_closest_marker("e2e"):
+        return (yield)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return (yield)
+    finally:
+        torch.set_num_threads(before)

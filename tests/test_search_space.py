@@ -57,6 +57,7 @@ def defaults_outside_ranges(cfg) -> list[str]:
     return problems
 
 
+@pytest.mark.slow  # composes every optimizer on this dataset
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_optimizer_default_lies_in_its_range_on_every_dataset(make_config, dataset):
     overrides = ["dataset.dataset.root=/nonexistent"] if dataset == "image_folder" else []
@@ -67,12 +68,14 @@ def test_every_optimizer_default_lies_in_its_range_on_every_dataset(make_config,
     assert {k: v for k, v in problems.items() if v} == {}
 
 
+@pytest.mark.slow  # composes every algorithm and backbone
 def test_every_algorithm_and_backbone_default_lies_in_its_range(make_config):
     problems = [p for a in ALGORITHMS for p in defaults_outside_ranges(make_config(f"algorithm={a}"))]
     problems += [p for b in BACKBONES for p in defaults_outside_ranges(make_config(f"backbone={b}"))]
     assert problems == []
 
 
+@pytest.mark.slow  # composes each experiment
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_default_lies_in_its_range(make_config, experiment):
     assert defaults_outside_ranges(make_config(f"experiment={experiment}")) == []
@@ -85,6 +88,7 @@ def test_the_checker_sees_a_default_outside_its_range(make_config):
     assert defaults_outside_ranges(cfg) == ["dataset.batch_size: 64 outside [8, 45]"]
 
 
+@pytest.mark.slow  # composes every optimizer twice
 def test_digit_datasets_share_one_registry_per_optimizer(make_config):
     for optimizer in OPTIMIZERS:
         rotated = make_config("dataset=rotated_mnist", f"optimizer={optimizer}").optimizer

@@ -87,6 +87,7 @@ def _run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e  # train.py in a process of its own
 def test_train_py_prints_the_accuracy_table_and_where_it_wrote(tmp_path):
     result = _run_train(
         tmp_path,
@@ -111,6 +112,7 @@ def test_train_py_prints_the_accuracy_table_and_where_it_wrote(tmp_path):
     assert any((run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.e2e  # train.py in a process of its own
 def test_train_py_bad_input_is_one_error_line_and_exit_code_2(tmp_path):
     result = _run_train(tmp_path, "dataset.test_domains=[9]", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
@@ -119,6 +121,7 @@ def test_train_py_bad_input_is_one_error_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e  # train.py in a process of its own
 def test_train_py_unknown_group_option_lists_the_choices(tmp_path):
     result = _run_train(tmp_path, "dataset=pacz", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
@@ -126,6 +129,7 @@ def test_train_py_unknown_group_option_lists_the_choices(tmp_path):
     assert "rotated_mnist" in result.stderr
 
 
+@pytest.mark.e2e  # train.py in a process of its own
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = _run_train(tmp_path, "--cfg", "job", "dataset=pacs", "optimizer=genie")
     assert result.returncode == 0, result.stderr
@@ -165,6 +169,7 @@ def test_sweeps_started_side_by_side_share_a_sweep_dir(tmp_path):
     assert list((tmp_path / "sweep").iterdir()) == []
 
 
+@pytest.mark.e2e  # train.py in a process of its own
 @pytest.mark.parametrize("mode, key", [((), "hydra.run.dir"), (("-m",), "hydra.sweep.dir")], ids=["run", "multirun"])
 def test_unwritable_hydra_directory_fails_with_one_line(mode, key, tmp_path):
     blocker = tmp_path / "not_a_directory"

@@ -166,6 +166,7 @@ def _replica(rank: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.e2e  # two gloo processes (DDP)
 def test_fishr_replicas_keep_the_moving_average_of_the_whole_batch_and_its_gradient(tmp_path):
     """Under DDP each replica's variances come from its shard. The moving average must follow
     their mean on every replica, and the replicas' gradients, averaged as DDP does, must be

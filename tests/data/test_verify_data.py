@@ -29,6 +29,7 @@ def full_pacs(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.mark.slow  # writes and scans PACS's 9,991 files
 def test_a_complete_dataset_prints_every_count_and_exits_0(full_pacs, capsys):
     assert main(["verify-data", "pacs", "--data-dir", str(full_pacs)]) == 0
     out = capsys.readouterr().out
@@ -37,6 +38,7 @@ def test_a_complete_dataset_prints_every_count_and_exits_0(full_pacs, capsys):
     assert "pacs: OK" in out
 
 
+@pytest.mark.slow  # writes and scans PACS's 9,991 files
 def test_a_missing_image_is_a_mismatch_and_exits_1(full_pacs, capsys, caplog):
     (full_pacs / "PACS" / "photo" / "house" / "00000.png").unlink()
     (full_pacs / "PACS" / "photo" / "house" / "Thumbs.db").write_bytes(b"\0")
@@ -47,6 +49,7 @@ def test_a_missing_image_is_a_mismatch_and_exits_1(full_pacs, capsys, caplog):
     assert "ignored 1 path(s)" in caplog.text and "photo/house/Thumbs.db" in caplog.text
 
 
+@pytest.mark.slow  # writes and decodes PACS's 9,991 files
 def test_check_images_finds_an_unreadable_image(full_pacs, capsys):
     (full_pacs / "PACS" / "sketch" / "dog" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert main(["verify-data", "pacs", "--data-dir", str(full_pacs), "--check-images"]) == 1

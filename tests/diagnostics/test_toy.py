@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from genie_dg.diagnostics import toy
@@ -39,6 +40,7 @@ def test_paths_start_at_minus_one_three_take_30_steps_and_are_reproducible():
     assert not torch.equal(toy.optimization_paths(seed=1)["GENIE"], paths["GENIE"])
 
 
+@pytest.mark.e2e  # python -m in a process of its own
 def test_module_command_writes_the_figure(tmp_path):
     out = tmp_path / "figures" / "toy.png"
     result = subprocess.run(

@@ -29,6 +29,7 @@ def test_hparams_seed_zero_keeps_the_defaults(make_config):
     assert cfg.optimizer.lr == 0.015
 
 
+@pytest.mark.slow  # composes 29 configs
 def test_draws_follow_the_search_distributions_and_replace_the_config_values(make_config):
     for hparams_seed in range(1, 30):
         cfg = make_config("optimizer=genie", "algorithm=coral", "dataset=pacs", f"hparams_seed={hparams_seed}")
@@ -193,6 +194,7 @@ def test_a_dataset_sweep_covers_every_target_and_every_pair_as_domainbed_does(ex
         assert cfg.backbone.pretrained is True and cfg.trainer.max_steps == steps
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_composing_hparams_search_optuna_needs_only_the_explicit_resolver_registration(tmp_path):
     """As in a notebook: a fresh interpreter, Hydra's compose API, no genie_dg module but the
     resolvers imported (they used to exist only as a side effect of importing genie_dg.sweep)."""

@@ -22,7 +22,7 @@ RESUMABLE = ("trainer.val_check_interval=3", "trainer.deterministic=true")
 def _fit(make_config, output_dir: Path, *overrides: str, ckpt_path: str | None = None):
     cfg = make_config(*RESUMABLE, *overrides)
     cfg.paths.output_dir = str(output_dir)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, _ = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model, trainer
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("algorithm", ["erm", "coral"])
 def test_fast_dev_run_every_optimizer_with_every_algorithm(small_run, make_config, optimizer, algorithm):
     cfg = make_config(f"optimizer={optimizer}", f"algorithm={algorithm}", "+trainer.fast_dev_run=true", *small_run)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, _ = build(cfg)
     before = [p.detach().clone() for p in model.network.parameters()]
     trainer.fit(model, datamodule=datamodule)
     assert trainer.global_step == 1

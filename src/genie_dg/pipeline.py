@@ -102,7 +102,7 @@ def train_in(cfg: DictConfig, start: ResumePoint) -> dict[str, Any]:
     start_checkpoint = check_start_checkpoint(Path(start.ckpt_path), cfg, weights_only) if start.start_file else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     write_atomically(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(resolved))
-    datamodule, model, trainer, identity = build_run(cfg)
+    datamodule, model, trainer, identity = build(cfg)
     ckpt_path = start.ckpt_path
     if start_checkpoint is not None and weights_only:
         start_from_weights(model, start_checkpoint, ckpt_path, cfg)
@@ -207,14 +207,9 @@ def checked_optimizer(node: DictConfig) -> Any:
     return factory
 
 
-def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer]:
-    """Instantiate the data module, the LightningModule and the Trainer of a run."""
-    datamodule, model, trainer, _ = build_run(cfg)
-    return datamodule, model, trainer
-
-
-def build_run(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer, RunIdentity]:
-    """:func:`build`, and the run's identity, built once: its records and its summary carry it."""
+def build(cfg: DictConfig) -> tuple[MultiDomainDataModule, DGModule, L.Trainer, RunIdentity]:
+    """Instantiate the data module, the LightningModule and the Trainer of a run, and build the
+    run's identity once: its records and its summary carry it."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: MultiDomainDataModule = instantiate_or_explain(cfg.dataset)

@@ -101,7 +101,7 @@ def train_algorithm(short_run_config) -> Callable[..., tuple[DGModule, object]]:
 
     def fit(algorithm: str, optimizer: str, *overrides: str, steps: int = 3):
         cfg = short_run_config(f"algorithm={algorithm}", f"optimizer={optimizer}", *overrides, steps=steps)
-        datamodule, model, trainer = build(cfg)
+        datamodule, model, trainer, _ = build(cfg)
         before = [p.detach().clone() for p in model.network.parameters()]
         trainer.fit(model, datamodule=datamodule)
         assert trainer.global_step == steps, "one optimizer step per training step"

@@ -193,7 +193,7 @@ def test_dann_trains_checkpoints_the_discriminator_and_reloads_it(
     trained = model.state_dict()
     for key in keys:
         assert torch.equal(state[key], trained[key].cpu()), key
-    _, fresh, _ = build(make_config(f"algorithm={algorithm}", f"optimizer={optimizer}", *small_run))
+    _, fresh, _, _ = build(make_config(f"algorithm={algorithm}", f"optimizer={optimizer}", *small_run))
     assert not torch.equal(fresh.state_dict()[keys[0]], state[keys[0]]), "the discriminator trained"
     fresh.load_state_dict(state)
     for key in keys:

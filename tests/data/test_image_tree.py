@@ -210,7 +210,7 @@ def test_image_folder_config_trains_on_a_user_tree_through_build(make_config, sm
         "+trainer.fast_dev_run=true",
         *small_run,
     )
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, _ = build(cfg)
     assert datamodule.dataset.name == "my_data"
     assert datamodule.dataset.classes == ["cat", "dog"]
     # The target's in part is reported, its out part held for oracle selection (target_holdout).

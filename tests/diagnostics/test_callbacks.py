@@ -31,7 +31,7 @@ def _fit(make_config, small_run, run: Path, *overrides: str):
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, _ = build(cfg)
     trainer.fit(model, datamodule=datamodule)
     return model, trainer
 

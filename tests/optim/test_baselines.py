@@ -35,7 +35,8 @@ DISTRIBUTIONS = {"uniform", "log10_uniform", "pow2_uniform"}
 
 
 def _fit(short_run_config, optimizer: str, *overrides: str, steps: int = 5):
-    return build(short_run_config(f"optimizer={optimizer}", *overrides, steps=steps))
+    datamodule, model, trainer, _ = build(short_run_config(f"optimizer={optimizer}", *overrides, steps=steps))
+    return datamodule, model, trainer
 
 
 def _train_on_one_batch(datamodule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,7 +194,7 @@ def test_trains_the_default_experiment_through_lightning(short_run_config):
     from genie_dg.pipeline import build
 
     steps = 5
-    datamodule, model, trainer = build(short_run_config("optimizer=genie", "optimizer.compiled=true", steps=steps))
+    datamodule, model, trainer, _ = build(short_run_config("optimizer=genie", "optimizer.compiled=true", steps=steps))
     batch = next(iter(datamodule.train_dataloader()))
     datamodule.train_dataloader = lambda: DataLoader([batch] * steps, batch_size=None)
 

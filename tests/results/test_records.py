@@ -52,7 +52,7 @@ def test_split_accuracies_name_the_splits_as_domainbed():
 
 def test_the_target_mean_leaves_out_the_targets_held_out_part(small_run, make_config):
     cfg = make_config(*small_run, "+dataset.target_holdout=true", "+trainer.fast_dev_run=true")
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer, _ = build(cfg)
     trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = trainer.callback_metrics
     assert metrics["val/target_acc"] == metrics["val/rot0/acc"]

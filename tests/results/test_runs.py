@@ -109,12 +109,12 @@ def test_wandb_run_is_named_after_the_run_and_grouped_by_sweep(small_run, make_c
         "dataset.train_domains=[rot30]",
         "trial_seed=2",
     )
-    _, _, trainer = build(cfg)
+    _, _, trainer, _ = build(cfg)
     (wandb,) = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
     assert wandb._wandb_init["name"] == "rotated_mnist/ERM/GENIE/train=rot30/seed2/hparams0"
     assert wandb._wandb_init["group"] == "my_sweep"
     named = make_config(*small_run, "logger=wandb", "+logger.wandb.name=mine", "logger.wandb.group=g")
-    _, _, trainer = build(named)
+    _, _, trainer, _ = build(named)
     assert (trainer.loggers[0]._wandb_init["name"], trainer.loggers[0]._wandb_init["group"]) == ("mine", "g")
 
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint format docs benchmark docker docker-check clean
+.PHONY: install train test test-fast test-cuda lint format docs benchmark docker docker-check clean
 
 install: $(INSTALLED)
 
@@ -29,6 +29,11 @@ test: $(INSTALLED)
 # 537 tests in 52 s on 2 busy cores: `time .venv/bin/python -m pytest -m "not slow and not e2e" -q -p no:cacheprovider`.
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -x -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+# The tests that need a CUDA device (GENIE's CUDA kernels and compiled path); `make test` runs them
+# too where there is one, and reports them skipped where there is none.
+test-cuda: $(INSTALLED)
+	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
 
 # Python (ruff: lint and formatting) and the Dockerfiles (hadolint). `make format` rewrites.
 lint: $(INSTALLED)

@@ -80,10 +80,14 @@ TRAINING_FIXTURES = {"short_run_config", "small_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that trains a run is ``slow``: ``make test-fast`` leaves it out."""
+    """A test that trains a run is ``slow``: ``make test-fast`` leaves it out. A ``cuda`` test is
+    skipped, with its reason, where torch sees no CUDA device; on a GPU machine it runs."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if no_cuda is not None and item.get_closest_marker("cuda"):
+            item.add_marker(no_cuda)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -281,10 +281,7 @@ def test_loading_a_checkpoint_keeps_this_optimizers_implementation():
     assert back.param_groups[0]["compiled"] is True
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_hash_mask_is_the_cpu_one():
     param = torch.empty(1000, 33)
     thr = torch.tensor(mask_threshold(0.4))
@@ -295,7 +292,7 @@ def test_cuda_hash_mask_is_the_cpu_one():
         assert torch.equal(cuda.cpu(), cpu)
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("switches", [dict(mask=False), dict(mask=False, variant="algorithm1", noise_std=0.05)])
 def test_cuda_compiled_matches_cuda_eager_without_mask(switches):
     eager = [p.detach().cuda().requires_grad_(True) for p in _params()]
@@ -312,7 +309,7 @@ def test_cuda_compiled_matches_cuda_eager_without_mask(switches):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_compiled_mask_drops_exactly_the_hashed_coordinates():
     """Inductor emits Triton on CUDA; its mask must be the documented hash of the drawn key."""
     param = torch.zeros(64, 65, device="cuda", requires_grad=True)

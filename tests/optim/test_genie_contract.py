@@ -378,10 +378,7 @@ def test_optimizer_can_be_printed():
 # ---------------------------------------------------------------------------
 # CUDA (skipped with a reason where there is none)
 # ---------------------------------------------------------------------------
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("optim_input", INPUTS, ids=IDS)
 def test_cuda_foreach_and_forloop_agree_and_foreach_is_the_default(optim_input):
     a, b = _model().cuda(), _model().cuda()
@@ -396,7 +393,7 @@ def test_cuda_foreach_and_forloop_agree_and_foreach_is_the_default(optim_input):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_state_dict_loads_on_the_cpu_and_continues():
     model = _model().cuda()
     opt = _make(model, {})

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from genie_dg.results.collect import collect
-from genie_dg.results.records import RESULTS_FILE
+from genie_dg.results.records import RESULTS_FILE, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "equal_budget"
@@ -63,10 +63,9 @@ def test_the_docs_table_is_what_the_committed_records_give():
 def test_the_records_are_the_whole_design_once():
     """Six draws x two trials for every optimizer and target, each run once: the table's cells
     rest on the same search for all four optimizers."""
-    runs = Counter()
-    for path in RECORDS.glob(f"*/{RESULTS_FILE}"):
-        first = json.loads(path.read_text().splitlines()[0])
-        runs[first["optimizer"], first["test_domains"][0], first["trial_seed"], first["hparams_seed"]] += 1
+    identities = {record.run_dir: record.run for record in load_records(RECORDS)}
+    assert len(identities) == len(list(RECORDS.glob(f"*/{RESULTS_FILE}"))), "every run's records are readable"
+    runs = Counter((run.optimizer, *run.test_domains, run.trial_seed, run.hparams_seed) for run in identities.values())
     design = {(o, t, trial, draw) for o in OPTIMIZERS for t in TARGETS for trial in (0, 1) for draw in range(1, 7)}
     assert set(runs) == design, f"missing: {sorted(design - set(runs))[:3]}, extra: {sorted(set(runs) - design)[:3]}"
     assert set(runs.values()) == {1}, "no run is recorded twice"
